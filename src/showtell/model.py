@@ -1,0 +1,115 @@
+"""CaptionModel: Show and Tell (Vinyals et al. 2015). The image is the LSTM's first input, then the words.
+
+    feature -> Linear(feature_dim, embed_dim) [-> BatchNorm1d] -> x_{-1}
+    <start> w1 ... wn -> Embedding (padding_idx=0) -> x_0 ... x_n
+    LSTM over x_{-1} x_0 ... x_n (from a zero state) -> Linear(hidden_dim, vocab_size)
+
+The output at the image step is not used; the output after <start> predicts w1, and so on. Training
+(`forward`, `loss`) and decoding (`init_state`, then `step` per token) run exactly the same computation, so
+decoding starts from the same deterministic state the model was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from showtell.errors import ShowtellError
+
+State = tuple[Tensor, Tensor]  # LSTM (h, c), each [num_layers, B, hidden_dim]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a CaptionModel; stored in checkpoints as JSON (`to_dict`)."""
+
+    vocab_size: int
+    feature_dim: int  # size of the encoder's feature vector (e.g. 1280)
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5  # on the LSTM inputs (image projection, word embeddings), its output and between layers
+    batch_norm: bool = False  # BatchNorm1d after the image projection (yunjey's pytorch-tutorial layout)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ShowtellError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.vocab_size < 4:
+            raise ShowtellError(f"model config: vocab_size must be at least 4 (<pad> <start> <end> <unk>), "
+                                f"got {self.vocab_size}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ShowtellError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.batch_norm, bool):
+            raise ShowtellError(f"model config: batch_norm must be true or false, got {self.batch_norm!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ShowtellError(f"model config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ShowtellError(f"model config: unknown key(s) {', '.join(unknown)}")
+        missing = sorted(f.name for f in fields(cls) if f.name in ("vocab_size", "feature_dim") and f.name not in d)
+        if missing:
+            raise ShowtellError(f"model config: missing key(s) {', '.join(missing)}")
+        return cls(**d)
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_proj = nn.Linear(c.feature_dim, c.embed_dim)
+        self.image_norm = nn.BatchNorm1d(c.embed_dim) if c.batch_norm else None
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.drop = nn.Dropout(c.dropout)
+        self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
+                            dropout=c.dropout if c.num_layers > 1 else 0.0)
+        self.head = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def _image_input(self, features: Tensor) -> Tensor:
+        """[B, feature_dim] -> the LSTM's first input [B, 1, embed_dim]."""
+        x = self.image_proj(features.to(self.image_proj.weight.dtype))
+        if self.image_norm is not None:
+            x = self.image_norm(x)
+        return self.drop(x).unsqueeze(1)
+
+    def _hidden(self, features: Tensor, captions: Tensor) -> Tensor:
+        """LSTM outputs [B, T-1, hidden]: position t has read the image and captions[:, :t+1]."""
+        words = self.drop(self.embed(captions[:, :-1]))
+        out, _ = self.lstm(torch.cat([self._image_input(features), words], dim=1))
+        return out[:, 1:]
+
+    def forward(self, features: Tensor, captions: Tensor) -> Tensor:
+        """Teacher forcing. captions [B, T] = <start> w1 .. wn <end> <pad>..; logits [B, T-1, vocab]
+        where position t predicts captions[:, t+1]."""
+        return self.head(self.drop(self._hidden(features, captions)))
+
+    def loss(self, features: Tensor, captions: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Mean cross-entropy over the non-<pad> targets. The output projection (the costly part with a large
+        vocabulary) runs only on those positions."""
+        targets = captions[:, 1:]
+        mask = targets != 0
+        hidden = self._hidden(features, captions)[mask]  # [N, hidden]
+        logits = self.head(self.drop(hidden))
+        return F.cross_entropy(logits.float(), targets[mask], label_smoothing=label_smoothing)
+
+    def init_state(self, features: Tensor) -> State:
+        """The LSTM state after reading the image from a zero state (the same start as in training)."""
+        _, state = self.lstm(self._image_input(features))
+        return state
+
+    def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """Read one token per sequence: tokens [B] -> logits [B, vocab] for the next token, and the new state."""
+        out, state = self.lstm(self.drop(self.embed(tokens)).unsqueeze(1), state)
+        return self.head(self.drop(out[:, 0])), state
