@@ -22,3 +22,35 @@ def flickr8k() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small checkpoint (random LSTM weights, real efficientnet_lite0 encoder) for API/CLI/server tests."""
+    import torch
+
+    from showtell.checkpoint import save_checkpoint
+    from showtell.encoders import encoder_info
+    from showtell.model import CaptionModel, ModelConfig
+    from showtell.vocab import Vocabulary
+
+    info = encoder_info("efficientnet_lite0")
+    vocab = Vocabulary.build(["a cat sits on a mat", "a dog runs on the grass", "a man rides a bike"], min_count=1)
+    torch.manual_seed(0)
+    model = CaptionModel(ModelConfig(vocab_size=len(vocab), feature_dim=info["feature_dim"], embed_dim=32,
+                                     hidden_dim=64))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, model.eval(), vocab, "efficientnet_lite0", info["preprocess"], meta={"name": "tiny"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """A folder of real photos with open licences (scikit-image's data)."""
+    import skimage.data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=90)
+    return folder

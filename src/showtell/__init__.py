@@ -4,4 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def load(path_or_name=None, device: str = "cpu"):
+    """Load a captioner from a checkpoint file, or the built-in model when no argument is given."""
+    from showtell.captioner import load as _load
+
+    return _load(path_or_name, device=device)

@@ -44,6 +44,150 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _done_images(output: str) -> set[str]:
+    """Images already in a JSONL results file (for --resume); a torn last line is ignored."""
+    done = set()
+    try:
+        with open(output, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("caption") is not None:
+                    done.add(row.get("image"))
+    except FileNotFoundError:
+        pass
+    return done
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from showtell.captioner import load
+    from showtell.images import expand_paths
+
+    paths = [str(p) for p in expand_paths(args.paths)]
+    if not paths:
+        raise ShowtellError("no images found in " + " ".join(args.paths))
+    if args.resume and not (args.output and args.format == "jsonl"):
+        raise ShowtellError("--resume needs --output FILE with --format jsonl")
+    done = _done_images(args.output) if args.resume else set()
+    todo = [p for p in paths if p not in done]
+    captioner = load(args.model)
+    out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
+    results, failures = [], 0
+    try:
+        for r in captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
+                                        batch_size=args.batch_size):
+            if r.error:
+                failures += 1
+                print(f"showtell: error: {r.error}", file=sys.stderr)
+                continue
+            results.append(r)
+            if args.format == "jsonl":
+                out.write(json.dumps({"image": r.image, "caption": r.caption, "score": round(r.score, 4)}) + "\n")
+            else:
+                out.write(f"{r.image}\t{r.caption}\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.html:
+        from showtell.report import write_gallery
+
+        write_gallery(args.html, results)
+    if done:
+        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {args.output}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size``, ``--flip/--no-flip``, ...), default None = not given."""
+    from dataclasses import fields
+
+    from showtell.train import TrainConfig
+
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("dataset", "root", "captions", "images", "split_name"):
+            continue  # from _add_dataset_args
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            p.add_argument(flag, type=_TYPES[f.type.split(" |")[0]], default=None, help=f"(default {f.default})")
+
+
+def _train_config(args: argparse.Namespace):
+    from dataclasses import asdict, fields
+
+    from showtell.train import TrainConfig
+
+    values = asdict(TrainConfig())
+    if args.config:
+        values.update(TrainConfig.from_toml(args.config))
+    for f in fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    if not values.get("root"):
+        raise ShowtellError("--root is required (or root = ... in the --config file)")
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from showtell.train import Trainer
+
+    config = _train_config(args)
+    Trainer(config, args.out, quiet=args.quiet, resume=args.resume).run()
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from showtell.features import extract_features
+
+    corpus = _load_corpus(args)
+    splits = args.splits.split(",")
+    for split in splits:
+        records = corpus.split(split)[: args.limit] if args.limit else corpus.split(split)
+        cache = extract_features([r.image for r in records], args.encoder, args.cache_dir, flip=args.flip,
+                                 batch_size=args.batch_size, quiet=args.quiet)
+        print(f"{split}: {len(records)} images -> {cache.path}"
+              + (f" ({len(cache.failed)} unreadable)" if cache.failed else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from showtell.captioner import load
+    from showtell.decoding import DecodingOptions
+    from showtell.evaluate import format_scores, generate, score_records, write_results
+    from showtell.features import extract_features
+
+    captioner = load(args.model)
+    corpus = _load_corpus(args)
+    records = corpus.split(args.split)[: args.limit] if args.limit else corpus.split(args.split)
+    if not records:
+        raise ShowtellError(f"dataset has no '{args.split}' images")
+    cache = extract_features([r.image for r in records], captioner.checkpoint.encoder, args.cache_dir,
+                             quiet=args.quiet, encoder=captioner.encoder)
+    records = [r for r in records if str(r.image.resolve()) not in cache.failed]
+    import torch
+
+    feats = torch.from_numpy(cache.features[[cache.row(r.image.resolve()) for r in records], 0].astype("float32"))
+    options = DecodingOptions(beam_size=args.beam_size, max_length=args.max_length,
+                              length_penalty=args.length_penalty)
+    captions = generate(captioner.model, captioner.vocab, feats, options)
+    if args.results:
+        write_results(args.results, records, captions)
+    scores, summary = score_records(records, captions)
+    print(format_scores(scores, summary))
+    if args.json:
+        print(json.dumps({**scores.values, **summary, "beam_size": args.beam_size, "split": args.split,
+                          "skipped": scores.skipped}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="showtell", description="Show-and-Tell image captioning: caption, train, evaluate, serve.")
@@ -57,6 +201,53 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--min-count", type=int, default=5, help="vocabulary count threshold (default 5)")
     stats.add_argument("--json", action="store_true", help="also print the numbers as one JSON line at the end")
     stats.set_defaults(func=cmd_data_stats)
+
+    cap = sub.add_parser("caption", help="caption photos (files or folders)")
+    cap.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    cap.add_argument("--model", help="checkpoint file (default: the built-in model)")
+    cap.add_argument("--beam-size", type=int, default=3, help="beam width; 1 = greedy (default 3)")
+    cap.add_argument("--max-length", type=int, default=20, help="most words in a caption (default 20)")
+    cap.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    cap.add_argument("--format", choices=("text", "jsonl"), default="text",
+                     help="text: path<TAB>caption lines; jsonl: one JSON object a line")
+    cap.add_argument("--output", help="write results to this file instead of stdout")
+    cap.add_argument("--resume", action="store_true", help="append to --output, skipping images already in it")
+    cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery")
+    cap.set_defaults(func=cmd_caption)
+
+    train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")
+    _add_dataset_args(train, required=False)
+    train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.csv, plot)")
+    train.add_argument("--config", help="TOML file of training settings (flags override it)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
+    ev.add_argument("--model", help="checkpoint file (default: the built-in model)")
+    _add_dataset_args(ev)
+    ev.add_argument("--split", default="test", help="split to score (default test)")
+    ev.add_argument("--beam-size", type=int, default=3)
+    ev.add_argument("--max-length", type=int, default=20)
+    ev.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha (default: mean log-prob)")
+    ev.add_argument("--limit", type=int, help="first N images of the split")
+    ev.add_argument("--cache-dir", help="feature cache folder")
+    ev.add_argument("--results", help="write COCO-format results JSON here")
+    ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line at the end")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    feat = sub.add_parser("features", help="extract and cache encoder features")
+    _add_dataset_args(feat)
+    feat.add_argument("--encoder", default=None, help="encoder name (default efficientnet_lite2)")
+    feat.add_argument("--splits", default="train,dev,test", help="comma-separated splits")
+    feat.add_argument("--flip", action="store_true", help="also the horizontally flipped images")
+    feat.add_argument("--limit", type=int)
+    feat.add_argument("--batch-size", type=int, default=32)
+    feat.add_argument("--cache-dir")
+    feat.add_argument("--quiet", action="store_true")
+    feat.set_defaults(func=cmd_features)
     return parser
 
 
@@ -66,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "encoder", "") is None and args.command == "features":
+        from showtell.encoders import DEFAULT_ENCODER
+        args.encoder = DEFAULT_ENCODER
     try:
         return args.func(args)
     except ShowtellError as e:

@@ -20,15 +20,19 @@ SPECIALS = (PAD, START, END, UNK)
 FORMAT = "showtell-vocab"
 FORMAT_VERSION = 1
 
-# A word is a run of letters/digits, optionally joined by inner apostrophes or hyphens
-# ("t-shirt", "dog's"). Everything else (punctuation, symbols) is split off and dropped, as the
-# PTB tokenizer used for the caption metrics does.
-_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
+# Mirrors the PTB tokenizer used for the caption metrics: clitics split off ("dog's" -> dog 's,
+# "don't" -> do n't, "cannot" -> can not); a word is a run of letters/digits, optionally joined by
+# inner apostrophes or hyphens ("t-shirt"); everything else (punctuation, symbols) is dropped.
+_CLITICS = [(re.compile(r"\bcannot\b"), "can not"), (re.compile(r"n't\b"), " n't"),
+            (re.compile(r"'(s|re|ve|ll|d|m)\b"), r" '\1")]
+_WORD = re.compile(r"'?[^\W_]+(?:['\-][^\W_]+)*")
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercase ``text`` and split it into words; punctuation is split off and dropped."""
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    for pattern, repl in _CLITICS:
+        text = pattern.sub(repl, text)
     return _WORD.findall(text)
 
 

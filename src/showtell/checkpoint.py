@@ -1,0 +1,124 @@
+"""One checkpoint file: safetensors weights plus JSON metadata, nothing pickled.
+
+The metadata holds the format version, the model config, the vocabulary, the encoder name and
+its preprocessing, and whatever the trainer adds (config, summary, metrics). Loading needs
+nothing else. Extra tensors ride along under a prefix: ``optimizer/`` (training state for
+``--resume``, in ``last.safetensors`` only) and ``encoder/`` (an encoder whose last stage was
+fine-tuned).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from showtell.errors import CheckpointError, ShowtellError
+from showtell.fileio import atomic_path
+from showtell.model import CaptionModel, ModelConfig
+from showtell.vocab import Vocabulary
+
+FORMAT = "showtell-checkpoint"
+FORMAT_VERSION = 1
+EXTRA_PREFIXES = ("optimizer/", "encoder/")
+
+
+@dataclass
+class Checkpoint:
+    model: CaptionModel
+    vocab: Vocabulary
+    encoder: str
+    preprocess: dict
+    meta: dict = field(default_factory=dict)          # everything else in the metadata (training, metrics, ...)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "optimizer/...", "encoder/..."
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Extra tensors under ``prefix`` (e.g. "encoder/"), with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.extra_tensors.items() if k.startswith(prefix)}
+
+
+def save_checkpoint(path: str | os.PathLike, model: CaptionModel, vocab: Vocabulary, encoder: str, preprocess: dict,
+                    meta: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                    half: bool = False) -> None:
+    """Write the checkpoint atomically (temp file + rename). ``half`` stores float weights as fp16."""
+    if len(vocab) != model.config.vocab_size:
+        raise ShowtellError(f"vocabulary has {len(vocab)} tokens but the model expects {model.config.vocab_size}")
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        tensors[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
+    for k, v in (extra_tensors or {}).items():
+        if not k.startswith(EXTRA_PREFIXES):
+            raise ValueError(f"extra tensor {k!r} must start with one of {EXTRA_PREFIXES}")
+        tensors[k] = v.detach().cpu().contiguous()
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(),
+              "vocab": vocab.to_dict(), "encoder": encoder, "preprocess": preprocess, **(meta or {})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"showtell": json.dumps(header)})
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint, without loading weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("showtell")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: a safetensors file but not a showtell checkpoint (no 'showtell' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a showtell checkpoint (metadata format {meta.get('format')!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
+                              f"(this showtell {_version()} reads version {FORMAT_VERSION})")
+    return meta
+
+
+def _version() -> str:
+    from showtell import __version__
+    return __version__
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
+    """Rebuild the model, vocabulary and encoder description from one file."""
+    meta = dict(read_metadata(path))
+    try:
+        tensors = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({str(e).splitlines()[0][:120]})") from None
+    try:
+        vocab = Vocabulary.from_dict(meta.pop("vocab"))
+        config = ModelConfig.from_dict(meta.pop("model"))
+        encoder, preprocess = meta.pop("encoder"), meta.pop("preprocess")
+    except (KeyError, TypeError, ShowtellError) as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint metadata ({e})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens but the model config says "
+                              f"{config.vocab_size}")
+    extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
+               if not k.startswith(EXTRA_PREFIXES)}
+    model = CaptionModel(config)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: weights do not match the stored model config ({detail[:200]})") from None
+    model.eval()
+    return Checkpoint(model, vocab, encoder, preprocess, meta, extra)

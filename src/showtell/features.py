@@ -1,0 +1,201 @@
+"""Feature cache: run the frozen encoder once per image, keep fp16 features on disk.
+
+A cache is a folder holding ``manifest.json``, ``features.npy`` ([images, views, dim] float16,
+view 1 = the horizontally flipped image when ``flip``) and ``done.npy`` (which rows are
+finished). The folder name is a hash of what the features depend on: encoder, preprocessing,
+flip, and each image's path, size and modification time. A cache built another way therefore
+never matches, and is never mixed with this one. Extraction writes a batch at a time and marks
+it done, so an interrupted run resumes where it stopped. When complete, the manifest records
+the SHA-256 of ``features.npy``, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from showtell.errors import ImageError, ShowtellError
+from showtell.fileio import atomic_path, atomic_write_text
+from showtell.images import load_image
+
+FORMAT = "showtell-features"
+FORMAT_VERSION = 1
+CACHE_ENV = "SHOWTELL_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$SHOWTELL_CACHE``, else ``$XDG_CACHE_HOME/showtell/features`` (``~/.cache/...``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "showtell" / "features"
+
+
+def _fingerprint(encoder: str, preprocess: dict, flip: bool, images: list[Path]) -> str:
+    h = hashlib.sha256(json.dumps({"encoder": encoder, "preprocess": preprocess, "flip": flip,
+                                   "format": FORMAT_VERSION}, sort_keys=True).encode())
+    for p in images:
+        try:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """Loaded features: ``features[row, view]``; ``rows`` maps image path -> row."""
+
+    path: Path
+    manifest: dict
+    features: np.ndarray
+    rows: dict[str, int]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Images that could not be read: path -> error message."""
+        return self.manifest.get("failed", {})
+
+    def row(self, image: str | os.PathLike) -> int:
+        return self.rows[str(image)]
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, images: list[Path], rows: list[int], transform, flip: bool):
+        self.images, self.rows, self.transform, self.flip = images, rows, transform, flip
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            img = load_image(self.images[row])
+        except ImageError as e:
+            return row, None, str(e)
+        views = [self.transform(img)]
+        if self.flip:
+            views.append(torch.flip(views[0], dims=[2]))
+        return row, torch.stack(views), None
+
+
+def _collate(items):
+    good = [(r, x) for r, x, _ in items if x is not None]
+    bad = {r: err for r, _, err in items if err is not None}
+    rows = [r for r, _ in good]
+    x = torch.stack([x for _, x in good]) if good else None
+    return rows, x, bad
+
+
+def iter_features(encoder, images: list[Path], rows: list[int], flip: bool = False, batch_size: int = 32,
+                  num_workers: int = 1, device: str = "cpu") -> Iterator[tuple[list[int], torch.Tensor, dict]]:
+    """Run ``encoder`` over ``images[rows]`` in batches: yields (rows done, features [b, views, D] on the
+    CPU, {row: error} for images that could not be read)."""
+    encoder = encoder.to(device).eval()
+    data = _ImageFiles(images, rows, encoder.preprocess.transform(train=False), flip)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    with torch.inference_mode():
+        for done, x, bad in loader:
+            feats = torch.empty(0)
+            if x is not None:
+                b, v = x.shape[:2]
+                feats = encoder(x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1)
+            yield done, feats, bad
+
+
+def _save_done(path: Path, done: np.ndarray) -> None:
+    with atomic_path(path / "done.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, done)
+
+
+def _open(path: Path, manifest: dict) -> FeatureCache:
+    features = np.load(path / "features.npy", mmap_mode="r")
+    rows = {img: i for i, img in enumerate(manifest["images"])}
+    return FeatureCache(path, manifest, features, rows)
+
+
+def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
+                     flip: bool = False, batch_size: int = 32, num_workers: int = 1, device: str = "cpu",
+                     quiet: bool = False, encoder=None) -> FeatureCache:
+    """Features of ``images`` from a complete cache, extracting what is missing first.
+
+    ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed.
+    """
+    from showtell.encoders import encoder_info
+
+    images = [Path(p).resolve() for p in images]
+    if len(set(images)) != len(images):
+        raise ShowtellError("feature extraction got the same image twice")
+    info = encoder_info(encoder_name)
+    key = _fingerprint(encoder_name, info["preprocess"], flip, images)
+    path = Path(cache_dir or default_cache_dir()) / f"{encoder_name}{'-flip' if flip else ''}-{key[:16]}"
+    manifest_path = path / "manifest.json"
+    manifest = None
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = None
+        if manifest is not None and (manifest.get("format") != FORMAT or manifest.get("fingerprint") != key):
+            manifest = None
+    if manifest is not None and manifest.get("complete"):
+        if manifest.get("sha256") == _sha256_file(path / "features.npy"):
+            return _open(path, manifest)
+        manifest = None  # corrupted on disk: rebuild
+    n_views = 2 if flip else 1
+    if manifest is None:
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": key, "encoder": encoder_name,
+                    "preprocess": info["preprocess"], "flip": flip, "dim": info["feature_dim"],
+                    "dtype": "float16", "views": n_views, "images": [str(p) for p in images],
+                    "failed": {}, "complete": False}
+        with atomic_path(path / "features.npy") as tmp:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                      shape=(len(images), n_views, info["feature_dim"])).flush()
+        _save_done(path, np.zeros(len(images), dtype=bool))
+        atomic_write_text(manifest_path, json.dumps(manifest))
+
+    done = np.load(path / "done.npy")
+    todo = [int(i) for i in np.flatnonzero(~done)]
+    if todo:
+        if encoder is None:
+            from showtell.encoders import create_encoder
+            encoder = create_encoder(encoder_name)
+        out = np.load(path / "features.npy", mmap_mode="r+")
+        failed = dict(manifest.get("failed", {}))
+        bar = tqdm(total=len(images), initial=len(images) - len(todo), desc=f"features {encoder_name}",
+                   unit="img", disable=quiet)
+        for rows, feats, bad in iter_features(encoder, images, todo, flip, batch_size, num_workers, device):
+            if rows:
+                out[rows] = feats.numpy().astype(np.float16)
+                out.flush()
+            for r, err in bad.items():
+                failed[str(images[r])] = err
+            done[rows + list(bad)] = True
+            if bad:
+                manifest["failed"] = failed
+                atomic_write_text(manifest_path, json.dumps(manifest))
+            _save_done(path, done)
+            bar.update(len(rows) + len(bad))
+        bar.close()
+        del out
+    manifest["complete"] = True
+    manifest["sha256"] = _sha256_file(path / "features.npy")
+    atomic_write_text(manifest_path, json.dumps(manifest))
+    return _open(path, manifest)

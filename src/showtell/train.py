@@ -1,0 +1,442 @@
+"""The training loop: cached features (or images end to end), length-bucket batches, teacher
+forcing with cross-entropy, real dev decoding and scoring after every epoch, best/last
+checkpoints, early stopping, resume, readable logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from showtell.checkpoint import load_checkpoint, save_checkpoint
+from showtell.data import LengthBucketSampler, pad_captions
+from showtell.datasets import CaptionRecord, load_corpus
+from showtell.decoding import DecodingOptions
+from showtell.encoders import DEFAULT_ENCODER, encoder_info
+from showtell.errors import ShowtellError
+from showtell.evaluate import generate, score_records
+from showtell.features import extract_features, iter_features
+from showtell.fileio import atomic_write_text
+from showtell.model import CaptionModel, ModelConfig
+from showtell.vocab import Vocabulary
+
+DEV_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting. CLI flags and a TOML file map onto these fields."""
+
+    # data
+    dataset: str = "flickr8k"
+    root: str = ""
+    captions: str | None = None
+    images: str | None = None
+    split_name: str | None = None
+    limit: int | None = None          # first N images of each split (smoke runs)
+    min_count: int = 5
+    max_words: int = 30               # longer training captions are cut (a handful in Flickr8k)
+    # model
+    encoder: str = DEFAULT_ENCODER
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    batch_norm: bool = False
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: float = 0.9             # multiply the learning rate by this after every epoch
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    flip: bool = True                 # also train on features of horizontally flipped images
+    patience: int = 3                 # stop after this many epochs without a better dev CIDEr
+    seed: int = 0
+    # dev evaluation after each epoch
+    eval_beam_size: int = 1
+    eval_max_length: int = 20
+    # end to end: images through the encoder every batch (for GPUs), optional fine-tuning
+    end_to_end: bool = False
+    fine_tune: bool = False
+    # where things go
+    cache_dir: str | None = None
+    device: str = "auto"
+    amp: bool = True                  # mixed precision on CUDA
+    num_workers: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ShowtellError(f"unknown training setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> dict:
+        """The settings in a TOML file (flat, or under a [train] table), as a dict to merge."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ShowtellError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ShowtellError(f"{path}: invalid TOML ({e})") from None
+        data = data.get("train", data)
+        cls.from_dict({**asdict(cls()), **data})  # validate names early
+        return data
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Log:
+    """metrics.csv, optional TensorBoard, and the end-of-run plot."""
+
+    COLUMNS = ("epoch", "train_loss", "train_perplexity", *DEV_METRICS, "dev_distinct", "lr", "seconds")
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def write(self, history: list[dict]) -> None:
+        path = self.out / "metrics.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.tb is not None and history:
+            row = history[-1]
+            for k in self.COLUMNS[1:]:
+                if isinstance(row.get(k), (int, float)):
+                    self.tb.add_scalar(k, row[k], row["epoch"])
+            self.tb.flush()
+
+    def plot(self, history: list[dict]) -> Path | None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        epochs = [r["epoch"] for r in history]
+        fig, ax1 = plt.subplots(figsize=(7, 4))
+        ax1.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="train loss")
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("train loss", color="tab:blue")
+        ax2 = ax1.twinx()
+        ax2.plot(epochs, [r["CIDEr"] for r in history], "s-", color="tab:red", label="dev CIDEr")
+        ax2.set_ylabel("dev CIDEr", color="tab:red")
+        fig.suptitle("showtell training")
+        fig.tight_layout()
+        path = self.out / "training.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _split_records(corpus, limit: int | None) -> dict[str, list[CaptionRecord]]:
+    out = {}
+    for split in ("train", "dev"):
+        recs = corpus.split(split)
+        out[split] = recs[:limit] if limit else recs
+        if not out[split]:
+            raise ShowtellError(f"dataset has no '{split}' images; training needs a train and a dev split")
+    return out
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"state/{i}/{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
+               for i, s in sd["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, i, k = key.split("/")
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _Loss(torch.nn.Module):
+    """The model's teacher-forced loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: CaptionModel, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(features, captions, label_smoothing=self.label_smoothing)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = False):
+        self.config, self.out, self.quiet, self.resume = config, Path(out), quiet, resume
+        self.rank, self.world = _distributed()
+        self.device = _device(config.device)
+        self.main = self.rank == 0
+
+    def say(self, msg: str) -> None:
+        if self.main and not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        c = self.config
+        corpus = load_corpus(c.dataset, c.root, c.captions, c.images, c.split_name)
+        if corpus.skipped_message():
+            self.say(f"showtell: warning: {corpus.skipped_message()}")
+        self.records = _split_records(corpus, c.limit)
+        self.info = encoder_info(c.encoder)
+        t0 = time.time()
+        caches = {}
+        for split, flip in (("train", c.flip), ("dev", False)):
+            if c.end_to_end and split == "train":
+                continue
+            if self.world > 1 and self.rank != 0:
+                torch.distributed.barrier()  # rank 0 extracts, the others then read its complete cache
+            caches[split] = extract_features([r.image for r in self.records[split]], c.encoder, c.cache_dir,
+                                             flip=flip, quiet=self.quiet or not self.main, device=str(self.device),
+                                             num_workers=c.num_workers)
+            if self.world > 1 and self.rank == 0:
+                torch.distributed.barrier()
+        self.feature_seconds = time.time() - t0
+        for split, cache in caches.items():
+            if cache.failed:
+                self.say(f"showtell: warning: {len(cache.failed)} {split} image(s) could not be read and are left "
+                         f"out, e.g. {next(iter(cache.failed.values()))}")
+                self.records[split] = [r for r in self.records[split] if str(r.image.resolve()) not in cache.failed]
+        self.caches = caches
+        self.dev_features = self._cache_tensor("dev")[:, 0] if "dev" in caches else None
+        self.train_features = self._cache_tensor("train") if "train" in caches else None
+
+    def _cache_tensor(self, split: str) -> torch.Tensor:
+        cache = self.caches[split]
+        rows = [cache.row(r.image.resolve()) for r in self.records[split]]
+        return torch.from_numpy(np.ascontiguousarray(cache.features[rows]))  # [N, views, D] fp16
+
+    # ---- model ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        c = self.config
+        if self.resume and (self.out / "last.safetensors").is_file():
+            ckpt = load_checkpoint(self.out / "last.safetensors")
+            saved = TrainConfig.from_dict(ckpt.meta["config"])
+            if replace(saved, epochs=c.epochs, patience=c.patience) != c:
+                diff = [f.name for f in fields(c) if getattr(saved, f.name) != getattr(c, f.name)
+                        and f.name not in ("epochs", "patience")]
+                raise ShowtellError(f"--resume with different settings than the run in {self.out}: {', '.join(diff)}")
+            self.vocab, self.model = ckpt.vocab, ckpt.model
+            self.state = dict(ckpt.meta["train_state"])
+            self.optim_state = self.state.pop("optimizer")
+            self.optim_tensors = ckpt.tensors("optimizer/")
+            self.encoder_tensors = ckpt.tensors("encoder/")
+            self.say(f"resuming {self.out} after epoch {self.state['epoch']}")
+        else:
+            if self.resume:
+                self.say(f"nothing to resume in {self.out}; starting a new run")
+            if (self.out / "last.safetensors").exists() and not self.resume:
+                raise ShowtellError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                                    "another --out")
+            captions = [cap for r in self.records["train"] for cap in r.captions]
+            self.vocab = Vocabulary.build(captions, min_count=c.min_count)
+            mc = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.info["feature_dim"], embed_dim=c.embed_dim,
+                             hidden_dim=c.hidden_dim, num_layers=c.num_layers, dropout=c.dropout,
+                             batch_norm=c.batch_norm)
+            torch.manual_seed(c.seed)
+            self.model = CaptionModel(mc)
+            self.state = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
+                          "train_seconds": 0.0}
+            self.optim_tensors, self.encoder_tensors = {}, {}
+        self.model.to(self.device)
+        self.encoder = None
+        if c.end_to_end:
+            from showtell.encoders import create_encoder
+            self.encoder = create_encoder(c.encoder, fine_tune=c.fine_tune).to(self.device)
+            if self.encoder_tensors:
+                self.encoder.load_state_dict(self.encoder_tensors)
+        params = [p for p in self.model.parameters()]
+        if self.encoder is not None and c.fine_tune:
+            params += [p for p in self.encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if self.optim_tensors:
+            _restore_optimizer(self.optimizer, self.optim_tensors, self.optim_state)
+        self.loss_fn = _Loss(self.model, c.label_smoothing)
+        if self.world > 1:
+            self.loss_fn = torch.nn.parallel.DistributedDataParallel(
+                self.loss_fn, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Training captions: (record index, <start> words <end>), cut to max_words.
+        def encode(cap: str) -> list[int]:
+            ids = self.vocab.encode(cap)
+            return ids if len(ids) <= c.max_words + 2 else [*ids[: c.max_words + 1], self.vocab.end_id]
+
+        self.items = [(i, encode(cap)) for i, r in enumerate(self.records["train"]) for cap in r.captions]
+        self.sampler = LengthBucketSampler([len(t) for _, t in self.items], c.batch_size, seed=c.seed,
+                                           num_replicas=self.world, rank=self.rank)
+
+    # ---- one epoch -----------------------------------------------------------------------------
+    def _batch_features(self, idx: list[int], rng: np.random.Generator) -> torch.Tensor:
+        recs = [self.items[i][0] for i in idx]
+        if self.encoder is None:
+            feats = self.train_features[recs]  # [B, views, D]
+            views = rng.integers(0, feats.shape[1], size=len(idx)) if self.config.flip else np.zeros(len(idx), int)
+            return feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
+        from showtell.images import load_image
+        transform = self.encoder.preprocess.transform(train=True)
+        x = torch.stack([transform(load_image(self.records["train"][r].image)) for r in recs]).to(self.device)
+        if self.config.fine_tune:
+            self.encoder.train()
+            return self.encoder(x)
+        with torch.no_grad():
+            return self.encoder(x)
+
+    def train_epoch(self, epoch: int) -> float:
+        c = self.config
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(c.seed * 1000 + epoch)
+        rng = np.random.default_rng([c.seed, epoch])
+        self.model.train()
+        use_amp = c.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        total_loss, total_tokens, seen, t0 = 0.0, 0, 0, time.time()
+        bar = tqdm(self.sampler, desc=f"epoch {epoch}", unit="batch", disable=self.quiet or not self.main,
+                   leave=False)
+        for idx in bar:
+            caps = pad_captions([self.items[i][1] for i in idx]).to(self.device)
+            feats = self._batch_features(idx, rng)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+                loss = self.loss_fn(feats, caps)
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           c.grad_clip)
+            scaler.step(self.optimizer)
+            scaler.update()
+            n = int((caps[:, 1:] != 0).sum())
+            total_loss += loss.item() * n
+            total_tokens += n
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}", caps_s=f"{seen / (time.time() - t0):.0f}")
+        stats = torch.tensor([total_loss, total_tokens], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(stats)
+        return float(stats[0] / stats[1])
+
+    def dev_scores(self) -> dict:
+        c = self.config
+        feats = self.dev_features
+        if feats is None:  # end to end: the encoder may be changing, so no cache
+            images = [r.image for r in self.records["dev"]]
+            feats = torch.cat([f[:, 0] for _, f, _ in iter_features(self.encoder, images, list(range(len(images))),
+                                                                   device=str(self.device))])
+        options = DecodingOptions(beam_size=c.eval_beam_size, max_length=c.eval_max_length)
+        captions = generate(self.model, self.vocab, feats.to(self.device), options)
+        scores, summary = score_records(self.records["dev"], captions, metrics=DEV_METRICS)
+        return {**scores.values, "dev_distinct": summary["distinct"]}
+
+    # ---- the run -------------------------------------------------------------------------------
+    def save(self, name: str, optimizer: bool = False) -> None:
+        meta = {"config": self.config.to_dict(), "train_state": self.state,
+                "metrics": {"dev": self.state.get("best_dev", {})},
+                "training": {"command": " ".join(["showtell", *sys.argv[1:]]), "data": self.config.root,
+                             "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"]}}
+        extra = {}
+        if optimizer:
+            tensors, ometa = _optimizer_tensors(self.optimizer)
+            extra = {f"optimizer/{k}": v for k, v in tensors.items()}
+            meta["train_state"] = {**self.state, "optimizer": ometa}
+        if self.encoder is not None and self.config.fine_tune:
+            extra.update({f"encoder/{k}": v for k, v in self.encoder.state_dict().items()})
+        save_checkpoint(self.out / name, self.model, self.vocab, self.config.encoder, self.info["preprocess"],
+                        meta=meta, extra_tensors=extra)
+
+    def run(self) -> dict:
+        c = self.config
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        self.build()
+        if self.main:
+            atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        log = _Log(self.out) if self.main else None
+        if self.state["epoch"] == 0 and self.main:
+            base = self.dev_scores()
+            self.say(f"untrained model: dev CIDEr {base['CIDEr']:.3f}")
+            self.state["untrained_dev"] = base
+        while self.state["epoch"] < c.epochs and self.state["bad_epochs"] < c.patience:
+            epoch = self.state["epoch"] + 1
+            for g in self.optimizer.param_groups:
+                g["lr"] = c.lr * c.lr_decay ** (epoch - 1)
+            t0 = time.time()
+            loss = self.train_epoch(epoch)
+            stop = torch.tensor([0])
+            if self.main:
+                dev = self.dev_scores()
+                seconds = time.time() - t0
+                row = {"epoch": epoch, "train_loss": loss, "train_perplexity": math.exp(min(loss, 50)), **dev,
+                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+                self.state["history"].append(row)
+                self.state["train_seconds"] += seconds
+                self.state["epoch"] = epoch
+                improved = dev["CIDEr"] > self.state["best_cider"]
+                if improved:
+                    self.state.update(best_cider=dev["CIDEr"], best_epoch=epoch, bad_epochs=0,
+                                      best_dev={k: dev[k] for k in DEV_METRICS})
+                else:
+                    self.state["bad_epochs"] += 1
+                self.say(f"epoch {epoch}: loss {loss:.3f}  dev BLEU-4 {dev['BLEU-4']:.3f}  CIDEr {dev['CIDEr']:.3f}"
+                         f"  distinct {dev['dev_distinct']:.0%}  ({seconds:.0f}s){'  *best' if improved else ''}")
+                if improved:
+                    self.save("best.safetensors")
+                self.save("last.safetensors", optimizer=True)
+                log.write(self.state["history"])
+                stop[0] = int(self.state["bad_epochs"] >= c.patience)
+            if self.world > 1:
+                torch.distributed.broadcast(stop, 0)
+                state = [self.state]
+                torch.distributed.broadcast_object_list(state, 0)
+                self.state = state[0]
+        if self.main:
+            if self.state["bad_epochs"] >= c.patience:
+                self.say(f"early stop: no better dev CIDEr for {c.patience} epochs")
+            plot = log.plot(self.state["history"]) if self.state["history"] else None
+            self.say(f"best dev CIDEr {self.state['best_cider']:.3f} at epoch {self.state['best_epoch']}; "
+                     f"checkpoints in {self.out}" + (f"; plot {plot}" if plot else ""))
+        return self.state

@@ -1,0 +1,107 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import showtell
+from showtell.checkpoint import load_checkpoint
+from showtell.errors import CheckpointError
+
+
+def showtell_cli(*args):
+    return subprocess.run([sys.executable, "-m", "showtell", *map(str, args)], capture_output=True, text=True)
+
+
+def test_api_takes_paths_pil_and_bytes(tiny_checkpoint, photos):
+    captioner = showtell.load(tiny_checkpoint)
+    path = photos / "chelsea.jpg"
+    by_path, by_pil, by_bytes = captioner.caption([path, Image.open(path), path.read_bytes()], beam_size=3)
+    assert by_path.caption and by_path.caption == by_pil.caption == by_bytes.caption
+    assert by_path.score == pytest.approx(by_bytes.score)
+    single = captioner.caption(path, beam_size=3, num_return=3)[0]
+    assert single.caption == by_path.caption and len(single.alternatives) == 2
+
+
+def test_api_bad_image_does_not_stop_the_others(tiny_checkpoint, photos, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>")
+    results = showtell.load(tiny_checkpoint).caption([photos / "coffee.jpg", bad, photos / "rocket.jpg"])
+    assert [r.ok for r in results] == [True, False, True]
+    assert "bad.jpg" in results[1].error
+
+
+def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, photos, tmp_path):
+    from showtell.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    copy = tmp_path / "copy.safetensors"
+    save_checkpoint(copy, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=ckpt.meta)
+    images = sorted(photos.iterdir())
+    a = [r.caption for r in showtell.load(tiny_checkpoint).caption(images)]
+    b = [r.caption for r in showtell.load(copy).caption(images)]
+    assert a == b
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "not a safetensors checkpoint"),
+    (b"\x80\x04\x95" + b"pickle" * 20, "not a safetensors checkpoint"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}        ", "not a safetensors checkpoint"),
+])
+def test_bad_checkpoint_files(tmp_path, content, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_truncated_and_mismatched_checkpoints(tiny_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data = tiny_checkpoint.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tiny_checkpoint))
+    tensors["head.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / "mismatch.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="do not match the stored model config"):
+        load_checkpoint(tmp_path / "mismatch.safetensors")
+    header = json.loads(meta["showtell"])
+    save_file(load_file(str(tiny_checkpoint)), str(tmp_path / "v9.safetensors"),
+              metadata={"showtell": json.dumps({**header, "version": 9})})
+    with pytest.raises(CheckpointError, match="version 9 is not supported"):
+        load_checkpoint(tmp_path / "v9.safetensors")
+    save_file(load_file(str(tiny_checkpoint)), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not a showtell checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+
+
+def test_caption_cli_folder_with_a_broken_file(tiny_checkpoint, photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in photos.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = showtell_cli("caption", folder, "--model", tiny_checkpoint)
+    assert out.returncode == 1
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.count("\t") == 1 and line.split("\t")[1] for line in lines)
+    assert [line for line in out.stderr.splitlines()] == [
+        f"showtell: error: {folder / 'broken.jpg'}: not an image file (unrecognised format)"]
+    ok = showtell_cli("caption", photos / "coffee.jpg", "--model", tiny_checkpoint, "--format", "jsonl")
+    assert ok.returncode == 0
+    row = json.loads(ok.stdout)
+    assert set(row) == {"image", "caption", "score"} and row["caption"]
+
+
+def test_caption_cli_bad_model_is_one_line(tmp_path, photos):
+    (tmp_path / "x.safetensors").write_bytes(b"junk")
+    out = showtell_cli("caption", photos / "coffee.jpg", "--model", tmp_path / "x.safetensors")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
