@@ -6,7 +6,8 @@ from showtell.vocab import SPECIALS, Vocabulary, tokenize
 
 def test_tokenize_lowercases_and_splits_off_punctuation():
     assert tokenize("A dog, running!  On the BEACH.") == ["a", "dog", "running", "on", "the", "beach"]
-    assert tokenize("A man in a t-shirt; the dog's ball") == ["a", "man", "in", "a", "t-shirt", "the", "dog", "'s", "ball"]
+    assert tokenize("A man in a t-shirt; the dog's ball") == ["a", "man", "in", "a", "t-shirt", "the", "dog", "'s",
+                                                            "ball"]
     assert tokenize("two\tkids\n(playing)") == ["two", "kids", "playing"]
     assert tokenize("It don't stop, cannot stop; the dog 's toy") == ["it", "do", "n't", "stop", "can", "not", "stop",
                                                                       "the", "dog", "'s", "toy"]

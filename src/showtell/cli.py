@@ -62,7 +62,6 @@ def _done_images(output: str) -> set[str]:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from showtell.captioner import load
     from showtell.images import expand_paths
 
     paths = [str(p) for p in expand_paths(args.paths)]
@@ -72,7 +71,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise ShowtellError("--resume needs --output FILE with --format jsonl")
     done = _done_images(args.output) if args.resume else set()
     todo = [p for p in paths if p not in done]
-    captioner = load(args.model)
+    if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
+        from showtell.onnx_runtime import load_onnx
+
+        captioner = load_onnx(args.model)
+    else:
+        from showtell.captioner import load
+
+        captioner = load(args.model)
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     results, failures = [], 0
     try:
@@ -188,7 +194,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_serve(args: argparse.Namespace) -> int:
+    from showtell.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from showtell.export import export_onnx
+
+    record = export_onnx(args.model, args.out, opset=args.opset, quiet=args.quiet)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in record["parity"].items())
+    print(f"exported {record['name']} to {args.out} (max abs diff vs torch: {diffs})")
+    return 0
+
+
+def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="showtell", description="Show-and-Tell image captioning: caption, train, evaluate, serve.")
     parser.add_argument("--version", action="version", version=f"showtell {__version__}")
@@ -204,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cap = sub.add_parser("caption", help="caption photos (files or folders)")
     cap.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    cap.add_argument("--model", help="checkpoint file (default: the built-in model)")
+    cap.add_argument("--model", help="checkpoint file (default: the built-in model); --runtime onnx: export folder")
+    cap.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                     help="onnx: run a `showtell export` folder with onnxruntime, without torch (default torch)")
     cap.add_argument("--beam-size", type=int, default=3, help="beam width; 1 = greedy (default 3)")
     cap.add_argument("--max-length", type=int, default=20, help="most words in a caption (default 20)")
     cap.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
@@ -215,13 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery")
     cap.set_defaults(func=cmd_caption)
 
+    srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
+    srv.add_argument("--model", help="checkpoint file (default: the built-in model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted, MiB (default 10)")
+    srv.set_defaults(func=cmd_serve)
+
     train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")
     _add_dataset_args(train, required=False)
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.csv, plot)")
     train.add_argument("--config", help="TOML file of training settings (flags override it)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_args(train)
+    if train_flags:  # they come from TrainConfig, whose module imports torch
+        _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
@@ -248,11 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--cache-dir")
     feat.add_argument("--quiet", action="store_true")
     feat.set_defaults(func=cmd_features)
+
+    exp = sub.add_parser("export", help="export a checkpoint for deployment (ONNX + a JSON config)")
+    exp.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
+    exp.add_argument("--model", help="checkpoint file (default: the built-in model)")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    exp.add_argument("--quiet", action="store_true")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(train_flags="train" in argv)  # other commands (caption --runtime onnx) need no torch
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

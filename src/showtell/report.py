@@ -1,0 +1,74 @@
+"""A self-contained HTML gallery of captioned photos: one file, thumbnails embedded, no external URLs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterable
+from html import escape
+from typing import Any
+
+from showtell.errors import ImageError
+from showtell.fileio import atomic_write_text
+from showtell.images import ImageInput, load_image
+
+THUMBNAIL_PX = 256
+
+_STYLE = """
+body { margin: 2rem; font: 16px/1.45 system-ui, sans-serif; color: #1d1d1f; background: #f6f6f8; }
+h1 { font-size: 1.4rem; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 1rem; }
+figure { margin: 0; padding: .75rem; background: #fff; border: 1px solid #d9d9de; border-radius: 10px; }
+figure img { display: block; max-width: 100%; margin: 0 auto .5rem; border-radius: 6px; }
+.name { color: #6b6b73; font-size: .8rem; word-break: break-all; }
+.caption { font-weight: 600; }
+.score, ol { color: #6b6b73; font-size: .85rem; }
+.error { color: #b42318; font-weight: 600; }
+"""
+
+
+def thumbnail_data_uri(src: ImageInput, size: int = THUMBNAIL_PX) -> str | None:
+    """A ``data:image/jpeg;base64,...`` thumbnail (longest side ``size``), or None if the image is unreadable."""
+    try:
+        img = load_image(src)
+    except ImageError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(result: Any) -> str:
+    name = escape(str(result.image))
+    parts = ["<figure>"]
+    uri = thumbnail_data_uri(result.image) if isinstance(result.image, (str, os.PathLike)) else None
+    if uri:
+        parts.append(f'<img src="{uri}" alt="{name}">')
+    parts.append(f'<figcaption><div class="name">{name}</div>')
+    if result.error:
+        parts.append(f'<div class="error">{escape(result.error)}</div>')
+    else:
+        parts.append(f'<div class="caption">{escape(result.caption or "")}'
+                     f' <span class="score">({result.score:.2f})</span></div>')
+        if result.alternatives:
+            alts = "".join(f'<li>{escape(c)} <span class="score">({s:.2f})</span></li>'
+                           for c, s in result.alternatives)
+            parts.append(f"<ol>{alts}</ol>")
+    parts.append("</figcaption></figure>")
+    return "".join(parts)
+
+
+def render_gallery(results: Iterable[Any], title: str = "showtell captions") -> str:
+    """The gallery page as a string (results are CaptionResult-like: image, caption, score, alternatives, error)."""
+    figures = "\n".join(_figure(r) for r in results)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{_STYLE}</style></head>\n"
+            f'<body><h1>{escape(title)}</h1>\n<div class="grid">\n{figures}\n</div></body></html>\n')
+
+
+def write_gallery(path: str | os.PathLike, results: Iterable[Any], title: str = "showtell captions") -> None:
+    """Write the gallery to ``path`` atomically (a reader never sees half a file)."""
+    atomic_write_text(path, render_gallery(results, title))

@@ -1,0 +1,347 @@
+"""HTTP API and web page: ``create_app(model)`` -> a FastAPI app; ``serve(...)`` runs it with uvicorn.
+
+Requests never run the model on the event loop: each uploaded image goes into a bounded queue, and
+one worker thread takes whatever arrived within a short window (up to ``max_batch`` images) and
+captions it as one batch. A full queue answers 503, a request that waits too long 504, an upload
+over the limit 413, an empty one 400 and one that is not a readable image 415, always as JSON
+``{"error": "..."}``. Only uploaded bytes are read, never a path the client names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+STATIC_DIR = str(files("showtell") / "static")
+MULTIPART_OVERHEAD = 64 * 1024  # room for multipart headers and boundaries around an image at the limit
+
+
+@dataclass
+class ServerOptions:
+    max_upload_mb: float = 10.0   # largest image, in MiB
+    max_files: int = 16           # most images in one POST /v1/captions
+    max_batch: int = 16           # most images captioned together
+    batch_window_ms: float = 10.0  # how long the worker waits for more requests to join a batch
+    queue_size: int = 64          # images waiting; more gives 503
+    timeout_s: float = 60.0       # a request still waiting after this gives 504
+    beam_size: int = 3
+    max_length: int = 20
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+@dataclass
+class _Job:
+    image: bytes
+    future: Future
+
+
+class Batcher:
+    """A bounded queue of images and one thread that captions them in batches."""
+
+    def __init__(self, captioner: Any, options: ServerOptions):
+        self.captioner = captioner
+        self.options = options
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=options.queue_size)
+        self._thread = threading.Thread(target=self._run, name="showtell-batcher", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(timeout=self.options.timeout_s)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, images: list[bytes]) -> list[Future]:
+        """Queue images; all or none (raises Busy when they do not fit)."""
+        futures: list[Future] = []
+        for image in images:
+            future: Future = Future()
+            try:
+                self._queue.put_nowait(_Job(image, future))
+            except queue.Full:
+                for f in futures:
+                    f.cancel()
+                raise Busy from None
+            futures.append(future)
+        return futures
+
+    def _next_batch(self) -> tuple[list[_Job], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch, deadline = [first], time.monotonic() + self.options.batch_window_ms / 1000
+        while len(batch) < self.options.max_batch:
+            try:
+                job = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if job is None:
+                return batch, True
+            batch.append(job)
+        return batch, False
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch, stop = self._next_batch()
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop timed-out ones
+            if not batch:
+                continue
+            self.batches += 1
+            try:
+                results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
+                                                 max_length=self.options.max_length, batch_size=len(batch),
+                                                 num_return=self.options.beam_size)
+            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+                for job in batch:
+                    job.future.set_exception(e)
+                continue
+            for job, result in zip(batch, results):
+                job.future.set_result(result)
+
+
+class _BodyLimit:
+    """Refuse request bodies over a size limit with 413, before or while they are read."""
+
+    def __init__(self, app: ASGIApp, limit_for: Any):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await _error(413, _too_large(limit))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, _too_large(limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"upload too large (limit {limit / 1024 / 1024:.3g} MiB)"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _image_error(name: str, message: str) -> str:
+    """The captioner names byte inputs '<N bytes>'; name the uploaded file instead."""
+    if message.startswith("<") and ": " in message:
+        message = message.split(": ", 1)[1]
+    return f"{name}: {message}"
+
+
+def _result_json(result: Any, model: str, started: float) -> dict[str, Any]:
+    return {"caption": result.caption, "score": round(float(result.score), 4),
+            "alternatives": [{"caption": c, "score": round(float(s), 4)} for c, s in result.alternatives],
+            "model": model, "elapsed_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+_UPLOAD_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+_ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"error": "..."}}}}
+           for code, text in [(400, "empty upload or malformed request"), (413, "upload over --max-upload-mb"),
+                              (415, "not a readable image"), (503, "queue full, retry shortly"),
+                              (504, "captioning took too long")]}
+_UPLOADS_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["files"]}}}}}
+
+
+def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -> FastAPI:
+    """The app for a checkpoint path or model name (loaded once at start-up), or a loaded Captioner.
+
+    ``options`` are :class:`ServerOptions` fields (max_batch, batch_window_ms, queue_size, timeout_s, ...).
+    """
+    opts = ServerOptions(max_upload_mb=max_upload_mb, **options)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        captioner = model
+        if captioner is None or isinstance(captioner, (str, os.PathLike)):
+            from showtell.captioner import load
+
+            captioner = await asyncio.to_thread(load, model)
+        state["captioner"] = captioner
+        state["batcher"] = batcher = Batcher(captioner, opts)
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="showtell", summary="Show-and-Tell image captioning", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit_for=lambda path: (
+        (opts.max_bytes + MULTIPART_OVERHEAD) * (opts.max_files if path == "/v1/captions" else 1)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+    async def read_uploads(request: Request, fields: tuple[str, ...], raw_ok: bool) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=opts.max_files, max_fields=opts.max_files)
+            uploads = []
+            try:
+                for key in fields:
+                    for value in form.getlist(key):
+                        if not isinstance(value, UploadFile):
+                            raise HTTPException(400, f"form field '{key}' must be a file upload")
+                        uploads.append((os.path.basename(value.filename or "upload"), await value.read()))
+            finally:
+                await form.close()
+            if not uploads:
+                raise HTTPException(400, f"no image: send the photo as multipart field '{fields[0]}'")
+            return uploads
+        if not raw_ok:
+            raise HTTPException(400, f"send the photos as multipart/form-data field '{fields[0]}'")
+        return [("upload", await request.body())]
+
+    async def caption_all(uploads: list[tuple[str, bytes]]) -> list[Any]:
+        """A result or a (status, message) per upload; 503/504 for the whole request."""
+        out: list[Any] = [None] * len(uploads)
+        todo = []
+        for i, (name, data) in enumerate(uploads):
+            if not data:
+                out[i] = (400, f"{name}: empty upload, not an image")
+            elif len(data) > opts.max_bytes:
+                out[i] = (413, f"{name}: {_too_large(opts.max_bytes)}")
+            else:
+                todo.append(i)
+        if not todo:
+            return out
+        try:
+            futures = state["batcher"].submit([uploads[i][1] for i in todo])
+        except Busy:
+            raise HTTPException(503, "server busy: too many images waiting, try again shortly",
+                                headers={"Retry-After": "1"}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), opts.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"captioning took longer than {opts.timeout_s:g} s") from None
+        for i, result in zip(todo, results):
+            out[i] = (415, _image_error(uploads[i][0], result.error)) if result.error else result
+        return out
+
+    @app.post("/v1/caption", openapi_extra=_UPLOAD_DOC, responses=_ERRORS, summary="Caption one photo")
+    async def caption_one(request: Request) -> JSONResponse:
+        """Multipart field `file`, or the image bytes as the request body."""
+        started = time.perf_counter()
+        uploads = await read_uploads(request, ("file",), raw_ok=True)
+        if len(uploads) > 1:
+            raise HTTPException(400, "one photo per request here; use /v1/captions for several")
+        (result,) = await caption_all(uploads)
+        if isinstance(result, tuple):
+            return _error(*result)
+        return JSONResponse(_result_json(result, state["captioner"].name, started))
+
+    @app.post("/v1/captions", openapi_extra=_UPLOADS_DOC, responses=_ERRORS, summary="Caption several photos")
+    async def caption_many(request: Request) -> JSONResponse:
+        """Multipart field `files`, repeated. One entry per file, in order: a caption or an error."""
+        started = time.perf_counter()
+        uploads = await read_uploads(request, ("files", "file"), raw_ok=False)
+        results = await caption_all(uploads)
+        out = []
+        for (name, _), result in zip(uploads, results):
+            if isinstance(result, tuple):
+                out.append({"file": name, "error": result[1], "status": result[0]})
+            else:
+                out.append({"file": name, **_result_json(result, state["captioner"].name, started)})
+        return JSONResponse(out)
+
+    @app.get("/v1/model", summary="The loaded model")
+    async def model_info() -> dict[str, Any]:
+        captioner = state["captioner"]
+        meta = captioner.meta
+        return {"name": captioner.name, "encoder": captioner.checkpoint.encoder, "vocab_size": len(captioner.vocab),
+                "metrics": meta.get("metrics"), "training": meta.get("training"), "beam_size": opts.beam_size,
+                "max_upload_mb": opts.max_upload_mb}
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": state["captioner"].name, "queue": state["batcher"].depth}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(os.path.join(STATIC_DIR, "docs.html"))
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def serve(model: Any = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0) -> None:
+    """Load the model, then serve the API and page until interrupted."""
+    import sys
+
+    import uvicorn
+
+    from showtell.captioner import load
+
+    captioner = load(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+    app = create_app(captioner, max_upload_mb=max_upload_mb)
+    print(f"showtell: serving model '{captioner.name}' on http://{host}:{port}/ (API docs at /docs)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

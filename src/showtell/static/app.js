@@ -1,0 +1,70 @@
+"use strict";
+// Each photo is its own POST /v1/caption; photos sent together are captioned as one batch by the server.
+const results = document.getElementById("results");
+const template = document.getElementById("card");
+const drop = document.getElementById("drop");
+const picker = document.getElementById("picker");
+
+function score(s) {
+  const span = document.createElement("span");
+  span.className = "score";
+  span.textContent = ` (${s.toFixed(2)})`;
+  return span;
+}
+
+async function caption(file, before) {
+  const card = template.content.firstElementChild.cloneNode(true);
+  const img = card.querySelector("img");
+  const field = (name) => card.querySelector("." + name);
+  field("name").textContent = file.name;
+  img.alt = file.name;
+  img.src = URL.createObjectURL(file);
+  img.onerror = () => { img.replaceWith("no preview"); };
+  results.insertBefore(card, before);
+  let body;
+  try {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const response = await fetch("/v1/caption", { method: "POST", body: form });
+    body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (!response.ok && !body.error) body = { error: `HTTP ${response.status}` };
+  } catch (e) {
+    body = { error: `request failed: ${e.message}` };
+  }
+  card.classList.remove("pending");
+  if (body.error) {
+    card.classList.add("error");
+    field("caption").remove();
+    field("error").hidden = false;
+    field("error").textContent = body.error;
+    return;
+  }
+  card.classList.add("ok");
+  field("caption").textContent = body.caption;
+  field("caption").append(score(body.score));
+  for (const alt of body.alternatives) {
+    const li = document.createElement("li");
+    li.textContent = alt.caption;
+    li.append(score(alt.score));
+    field("alternatives").append(li);
+  }
+  field("meta").textContent = `${body.model} · ${Math.round(body.elapsed_ms)} ms`;
+}
+
+function captionAll(files) {
+  const before = results.firstChild;  // newest selection on top, in the order chosen
+  for (const file of files) caption(file, before);
+}
+
+picker.addEventListener("change", () => { captionAll(picker.files); picker.value = ""; });
+for (const type of ["dragenter", "dragover"]) {
+  drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+for (const type of ["dragleave", "drop"]) {
+  drop.addEventListener(type, () => drop.classList.remove("over"));
+}
+drop.addEventListener("drop", (e) => { e.preventDefault(); captionAll(e.dataTransfer.files); });
+
+fetch("/v1/model").then((r) => r.json()).then((m) => {
+  document.getElementById("model").textContent = `model ${m.name} · encoder ${m.encoder} · ${m.vocab_size} words`;
+}).catch(() => {});
