@@ -63,6 +63,12 @@ class TrainConfig:
     flip: bool = True                 # also train on features of horizontally flipped images
     patience: int = 3                 # stop after this many epochs without a better dev CIDEr
     seed: int = 0
+    # self-critical stage after cross-entropy (0 = off): CIDEr-D reward, mean-of-other-samples baseline
+    scst_epochs: int = 0
+    scst_lr: float = 5e-5
+    scst_samples: int = 5
+    scst_batch_size: int = 50
+    scst_max_length: int = 16
     # dev evaluation after each epoch
     eval_beam_size: int = 1
     eval_max_length: int = 20
@@ -122,7 +128,7 @@ def _device(name: str) -> torch.device:
 class _Log:
     """metrics.csv, optional TensorBoard, and the end-of-run plot."""
 
-    COLUMNS = ("epoch", "train_loss", "train_perplexity", *DEV_METRICS, "dev_distinct", "lr", "seconds")
+    COLUMNS = ("epoch", "stage", "train_loss", "train_perplexity", *DEV_METRICS, "dev_distinct", "lr", "seconds")
 
     def __init__(self, out: Path):
         self.out = out
@@ -281,8 +287,8 @@ class Trainer:
                              batch_norm=c.batch_norm)
             torch.manual_seed(c.seed)
             self.model = CaptionModel(mc)
-            self.state = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
-                          "train_seconds": 0.0}
+            self.state = {"stage": "xe", "epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                          "history": [], "train_seconds": 0.0}
             self.optim_tensors, self.encoder_tensors = {}, {}
         self.model.to(self.device)
         self.encoder = None
@@ -387,6 +393,69 @@ class Trainer:
         save_checkpoint(self.out / name, self.model, self.vocab, self.config.encoder, self.info["preprocess"],
                         meta=meta, extra_tensors=extra)
 
+    def scst_epoch(self, epoch: int) -> float:
+        """One epoch of self-critical training; returns the mean CIDEr-D reward of the samples."""
+        from showtell.scst import CiderD, scst_loss
+        from showtell.vocab import tokenize
+
+        c = self.config
+        if not hasattr(self, "cider"):
+            self.cider = CiderD([[tokenize(cap) for cap in r.captions] for r in self.records["train"]])
+        torch.manual_seed(c.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(c.seed * 1000 + epoch)
+        rng = np.random.default_rng([c.seed, epoch])
+        order = rng.permutation(len(self.records["train"]))
+        self.model.train()
+        total, n = 0.0, 0
+        batches = [order[i:i + c.scst_batch_size] for i in range(0, len(order), c.scst_batch_size)]
+        bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", disable=self.quiet or not self.main, leave=False)
+        for idx in bar:
+            feats = self.train_features[idx]
+            views = rng.integers(0, feats.shape[1], size=len(idx))
+            feats = feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
+            loss, reward = scst_loss(self.model, feats, idx.tolist(), self.cider, self.vocab.itos,
+                                     samples=c.scst_samples, max_length=c.scst_max_length,
+                                     end_id=self.vocab.end_id, generator=gen)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+            total, n = total + reward * len(idx), n + len(idx)
+            bar.set_postfix(reward=f"{total / n:.3f}")
+        return total / n
+
+    def _end_epoch(self, epoch: int, loss: float, seconds: float, log: _Log) -> None:
+        """Dev scores, history, best/last checkpoints and logs after one epoch (rank 0)."""
+        dev = self.dev_scores()
+        row = {"epoch": epoch, "stage": self.state["stage"], "train_loss": loss,
+               "train_perplexity": math.exp(min(loss, 50)) if self.state["stage"] == "xe" else "",
+               **dev, "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+        self.state["history"].append(row)
+        self.state["train_seconds"] += seconds
+        self.state["epoch"] = epoch
+        improved = dev["CIDEr"] > self.state["best_cider"]
+        if improved:
+            self.state.update(best_cider=dev["CIDEr"], best_epoch=epoch, bad_epochs=0,
+                              best_dev={k: dev[k] for k in DEV_METRICS})
+        else:
+            self.state["bad_epochs"] += 1
+        what = "loss" if self.state["stage"] == "xe" else "reward"
+        self.say(f"epoch {epoch} ({self.state['stage']}): {what} {loss:.3f}  dev BLEU-4 {dev['BLEU-4']:.3f}  "
+                 f"CIDEr {dev['CIDEr']:.3f}  distinct {dev['dev_distinct']:.0%}  ({seconds:.0f}s)"
+                 + ("  *best" if improved else ""))
+        if improved:
+            self.save("best.safetensors")
+        self.save("last.safetensors", optimizer=True)
+        log.write(self.state["history"])
+
+    def _start_scst(self) -> None:
+        """Switch to the self-critical stage, starting from the best cross-entropy weights."""
+        best = load_checkpoint(self.out / "best.safetensors")
+        self.model.load_state_dict(best.model.state_dict())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.scst_lr)
+        self.state.update(stage="scst", bad_epochs=0, scst_start=self.state["epoch"])
+        self.say(f"self-critical training from the best cross-entropy epoch {self.state['best_epoch']}")
+
     def run(self) -> dict:
         c = self.config
         if self.main:
@@ -400,7 +469,8 @@ class Trainer:
             base = self.dev_scores()
             self.say(f"untrained model: dev CIDEr {base['CIDEr']:.3f}")
             self.state["untrained_dev"] = base
-        while self.state["epoch"] < c.epochs and self.state["bad_epochs"] < c.patience:
+        while (self.state["stage"] == "xe" and self.state["epoch"] < c.epochs
+               and self.state["bad_epochs"] < c.patience):
             epoch = self.state["epoch"] + 1
             for g in self.optimizer.param_groups:
                 g["lr"] = c.lr * c.lr_decay ** (epoch - 1)
@@ -408,34 +478,27 @@ class Trainer:
             loss = self.train_epoch(epoch)
             stop = torch.tensor([0])
             if self.main:
-                dev = self.dev_scores()
-                seconds = time.time() - t0
-                row = {"epoch": epoch, "train_loss": loss, "train_perplexity": math.exp(min(loss, 50)), **dev,
-                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
-                self.state["history"].append(row)
-                self.state["train_seconds"] += seconds
-                self.state["epoch"] = epoch
-                improved = dev["CIDEr"] > self.state["best_cider"]
-                if improved:
-                    self.state.update(best_cider=dev["CIDEr"], best_epoch=epoch, bad_epochs=0,
-                                      best_dev={k: dev[k] for k in DEV_METRICS})
-                else:
-                    self.state["bad_epochs"] += 1
-                self.say(f"epoch {epoch}: loss {loss:.3f}  dev BLEU-4 {dev['BLEU-4']:.3f}  CIDEr {dev['CIDEr']:.3f}"
-                         f"  distinct {dev['dev_distinct']:.0%}  ({seconds:.0f}s){'  *best' if improved else ''}")
-                if improved:
-                    self.save("best.safetensors")
-                self.save("last.safetensors", optimizer=True)
-                log.write(self.state["history"])
+                self._end_epoch(epoch, loss, time.time() - t0, log)
                 stop[0] = int(self.state["bad_epochs"] >= c.patience)
             if self.world > 1:
                 torch.distributed.broadcast(stop, 0)
                 state = [self.state]
                 torch.distributed.broadcast_object_list(state, 0)
                 self.state = state[0]
+        if self.main and self.state["stage"] == "xe" and self.state["bad_epochs"] >= c.patience:
+            self.say(f"early stop: no better dev CIDEr for {c.patience} epochs")
+        if c.scst_epochs and self.main:
+            if self.world > 1:
+                raise ShowtellError("self-critical training runs in one process; drop --scst-epochs under torchrun")
+            if self.state["stage"] == "xe":
+                self._start_scst()
+            while (self.state["epoch"] - self.state["scst_start"] < c.scst_epochs
+                   and self.state["bad_epochs"] < c.patience):
+                epoch = self.state["epoch"] + 1
+                t0 = time.time()
+                reward = self.scst_epoch(epoch)
+                self._end_epoch(epoch, reward, time.time() - t0, log)
         if self.main:
-            if self.state["bad_epochs"] >= c.patience:
-                self.say(f"early stop: no better dev CIDEr for {c.patience} epochs")
             plot = log.plot(self.state["history"]) if self.state["history"] else None
             self.say(f"best dev CIDEr {self.state['best_cider']:.3f} at epoch {self.state['best_epoch']}; "
                      f"checkpoints in {self.out}" + (f"; plot {plot}" if plot else ""))

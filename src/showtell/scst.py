@@ -1,0 +1,98 @@
+"""Self-critical sequence training (Rennie et al. 2017): a second stage after cross-entropy that
+optimises CIDEr directly. Sample several captions per image, reward each by its CIDEr-D against
+the image's references, and use the mean reward of the image's other samples as the baseline.
+Cheap here because the image features are cached."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from showtell.model import CaptionModel
+
+Ngrams = list[dict[tuple[str, ...], float]]
+
+
+def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D as computed by pycocoevalcap (sigma 6, clipping, x10), with document frequencies
+    taken once from a fixed reference corpus and the reference vectors precomputed."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        df: Counter = Counter()
+        cooked = [[_ngrams(r, n) for r in refs] for refs in references]
+        for refs in cooked:
+            df.update({g for r in refs for g in r})
+        self.df = df
+        self.ref_len = math.log(float(len(references)))
+        self.refs = [[self._vec(c, len(r)) for c, r in zip(crefs, refs)] for crefs, refs in zip(cooked, references)]
+
+    def _vec(self, counts: Counter, length: int) -> tuple[Ngrams, np.ndarray, int]:
+        vec: Ngrams = [defaultdict(float) for _ in range(self.n)]
+        norm = np.zeros(self.n)
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            v = float(tf) * (self.ref_len - math.log(max(1.0, self.df.get(gram, 0.0))))
+            vec[k][gram] = v
+            norm[k] += v * v
+        return vec, np.sqrt(norm), length
+
+    def score(self, candidate: Sequence[str], image: int) -> float:
+        vec, norm, length = self._vec(_ngrams(candidate, self.n), len(candidate))
+        total = np.zeros(self.n)
+        for vref, nref, lref in self.refs[image]:
+            for k in range(self.n):
+                val = sum(min(v, vref[k][g]) * vref[k][g] for g, v in vec[k].items() if g in vref[k])
+                if norm[k] and nref[k]:
+                    val /= norm[k] * nref[k]
+                total[k] += val * math.exp(-((length - lref) ** 2) / (2 * self.sigma ** 2))
+        return float(total.mean() / len(self.refs[image]) * 10.0)
+
+
+def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int,
+                    end_id: int, banned: Sequence[int], generator: torch.Generator | None = None):
+    """Sample ``samples`` captions per image with gradients: returns tokens [B*k, T] (0 after <end>),
+    summed log-probabilities [B*k] and lengths [B*k] (words plus <end> when emitted)."""
+    feats = features.repeat_interleave(samples, dim=0)
+    n = feats.shape[0]
+    state = model.init_state(feats)
+    tokens = torch.full((n,), 1, dtype=torch.long)  # <start>
+    alive = torch.ones(n, dtype=torch.bool)
+    out, logps = [], []
+    for _ in range(max_length + 1):
+        logits, state = model.step(tokens, state)
+        logits[:, list(banned)] = float("-inf")
+        logp = F.log_softmax(logits, dim=-1)
+        tokens = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+        tokens = torch.where(alive, tokens, torch.zeros_like(tokens))
+        logps.append(logp.gather(1, tokens[:, None]).squeeze(1) * alive)
+        out.append(tokens)
+        alive = alive & (tokens != end_id)
+        if not alive.any():
+            break
+    tokens = torch.stack(out, 1)
+    lengths = ((tokens != 0).sum(1)).clamp(min=1)
+    return tokens, torch.stack(logps, 1).sum(1), lengths
+
+
+def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], cider: CiderD, itos: list[str],
+              samples: int = 5, max_length: int = 16, end_id: int = 2, banned: Sequence[int] = (0, 1, 3),
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """The self-critical loss of one batch, and the mean CIDEr-D reward of its samples."""
+    tokens, logp, lengths = sample_captions(model, features, samples, max_length, end_id, banned, generator)
+    words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
+    rewards = torch.tensor([cider.score(w, images[i // samples]) for i, w in enumerate(words)])
+    grouped = rewards.view(-1, samples)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (samples - 1)  # mean of the other samples
+    advantage = (grouped - baseline).view(-1)
+    loss = -(advantage * logp / lengths).mean()
+    return loss, float(rewards.mean())
