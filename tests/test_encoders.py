@@ -1,0 +1,186 @@
+"""Encoder registry: offline ImageNet weights, frozen features, preprocessing, clear errors."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from showtell.encoders import (
+    DEFAULT_ENCODER,
+    Encoder,
+    Preprocess,
+    _load_paired_state_dict,
+    create_encoder,
+    encoder_info,
+    list_encoders,
+)
+from showtell.errors import ShowtellError
+
+NAMES = ["efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101", "resnet152"]
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+@pytest.fixture(scope="module")
+def lite() -> dict[str, Encoder]:
+    return {name: create_encoder(name) for name in ("efficientnet_lite0", "efficientnet_lite2")}
+
+
+def _batch(enc: Encoder, *arrays: np.ndarray) -> torch.Tensor:
+    tf = enc.preprocess.transform()
+    return torch.stack([tf(Image.fromarray(a)) for a in arrays])
+
+
+def _last_stage_prefixes(name: str) -> tuple[str, ...]:
+    if name.startswith("resnet"):
+        return ("backbone.layer4.",)
+    return ("model.blocks.6.", "model.conv_head.", "model.bn2.")
+
+
+def test_registry_lists_five_encoders_with_their_preprocessing() -> None:
+    assert list_encoders() == NAMES
+    assert DEFAULT_ENCODER == "efficientnet_lite2"
+    info = encoder_info("efficientnet_lite2")
+    assert info == json.loads(json.dumps(info))
+    assert info["feature_dim"] == 1280 and info["offline"] is True
+    assert info["preprocess"] == {
+        "size": 260, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+    }
+    assert encoder_info("efficientnet_lite0")["preprocess"]["size"] == 224
+    res = encoder_info("resnet50")
+    assert res["feature_dim"] == 2048 and res["offline"] is False
+    assert res["preprocess"]["crop_pct"] == 0.875 and res["preprocess"]["interpolation"] == "bilinear"
+
+
+def test_unknown_name_lists_available_encoders() -> None:
+    for call in (create_encoder, encoder_info):
+        with pytest.raises(ShowtellError, match="unknown encoder 'vgg16'; available: efficientnet_lite0, ") as e:
+            call("vgg16")
+        assert all(name in str(e.value) for name in NAMES)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_offline_weights_are_imagenet_weights(lite: dict[str, Encoder], name: str) -> None:
+    enc = lite[name]
+    with torch.inference_mode():
+        probs = enc.classify(_batch(enc, skdata.chelsea(), skdata.coffee())).softmax(-1)
+    cat_top5, coffee_top5 = probs.topk(5).indices.tolist()
+    assert CAT_CLASSES & set(cat_top5), cat_top5
+    assert cat_top5[0] == 285  # Egyptian cat
+    assert coffee_top5[0] == ESPRESSO and not CAT_CLASSES & set(coffee_top5), coffee_top5
+    assert probs[1, ESPRESSO] > 0.8
+    assert probs[0, list(CAT_CLASSES)].sum() > 0.6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_features_shape_dtype_and_frozen(lite: dict[str, Encoder], name: str) -> None:
+    enc = lite[name] if name in lite else create_encoder(name, pretrained=False)
+    assert enc.name == name and enc.preprocess == Preprocess.from_dict(encoder_info(name)["preprocess"])
+    x = _batch(enc, skdata.chelsea(), skdata.coffee())
+    with torch.inference_mode():
+        feats = enc(x)
+    assert feats.shape == (2, enc.feature_dim) == (2, encoder_info(name)["feature_dim"])
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
+    assert not torch.allclose(feats[0], feats[1])
+    assert not enc.training
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_train_mode_keeps_frozen_batchnorm_in_eval(name: str) -> None:
+    enc = create_encoder(name, pretrained=name == "efficientnet_lite0")
+    x = _batch(enc, skdata.chelsea())
+    with torch.no_grad():
+        eval_out = enc(x)
+        enc.train()
+        train_out = enc(x)
+    assert enc.training
+    assert torch.equal(eval_out, train_out)
+    bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite2", "resnet50"])
+def test_fine_tune_unfreezes_exactly_the_last_stage(name: str) -> None:
+    enc = create_encoder(name, pretrained=False, fine_tune=True)
+    prefixes = _last_stage_prefixes(name)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in enc.named_parameters() if n.startswith(prefixes)}
+    assert trainable == expected
+    assert 0 < len(expected) < len(list(enc.parameters()))
+    # classifier head stays frozen
+    assert not any("classifier" in n or n.startswith("fc.") for n in trainable)
+
+    enc.train()
+    for n, m in enc.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.training == (n + ".").startswith(prefixes), n
+    x = torch.randn(2, 3, 64, 64)
+    enc(x).sum().backward()
+    assert all((p.grad is not None) == (n in expected) for n, p in enc.named_parameters())
+
+    enc.set_fine_tune(False)
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert not any(m.training for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_preprocess_round_trip_and_validation() -> None:
+    pre = Preprocess(size=224, interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     crop_pct=0.875)
+    d = json.loads(json.dumps(pre.to_dict()))
+    assert Preprocess.from_dict(d) == pre
+    assert Preprocess.from_dict({k: v for k, v in d.items() if k != "crop_pct"}).crop_pct == 1.0
+    with pytest.raises(ShowtellError, match="interpolation"):
+        Preprocess.from_dict({**d, "interpolation": "lanczos"})
+    with pytest.raises(ShowtellError, match="size"):
+        Preprocess.from_dict({k: v for k, v in d.items() if k != "size"})
+
+
+def test_transforms_eval_deterministic_train_random() -> None:
+    pre = Preprocess.from_dict(encoder_info("resnet50")["preprocess"])
+    img = Image.fromarray(skdata.astronaut()).resize((400, 300))
+    eval_tf, train_tf = pre.transform(), pre.transform(train=True)
+    a, b = eval_tf(img), eval_tf(img)
+    assert a.shape == (3, 224, 224) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert eval_tf(img.convert("L")).shape == (3, 224, 224)
+    torch.manual_seed(0)
+    outs = [train_tf(img) for _ in range(6)]
+    assert all(o.shape == (3, 224, 224) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_eval_transform_with_crop_pct_one_keeps_the_whole_photo() -> None:
+    pre = Preprocess.from_dict(encoder_info("efficientnet_lite2")["preprocess"])
+    img = Image.fromarray(skdata.chelsea()).resize((260, 260))
+    expected = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert torch.allclose(pre.transform()(img), expected, atol=1e-6)
+
+
+def test_resnet_without_network_names_offline_encoders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # no cached weights
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(ShowtellError) as e:
+        create_encoder("resnet50", pretrained=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "could not download" in msg
+    assert "efficientnet_lite0" in msg and "efficientnet_lite2" in msg
+
+
+def test_mismatched_weights_file_names_the_first_bad_pair(tmp_path) -> None:
+    enc = create_encoder("efficientnet_lite0", pretrained=False)
+    sd = dict(enc.model.state_dict())
+    keys = list(sd)
+    sd[keys[6]] = torch.zeros(7, 1, 3, 3)  # blocks.0.0.conv_dw.weight has shape (32, 1, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ShowtellError, match=r"blocks\.0\.0\.conv_dw\.weight \(7, 1, 3, 3\) vs .*\(32, 1, 3, 3\)"):
+        _load_paired_state_dict(enc.model, path)
