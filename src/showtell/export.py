@@ -1,0 +1,160 @@
+"""ONNX export: three graphs and one JSON file that run a checkpoint without torch.
+
+    encoder.onnx        images [B, 3, S, S] (normalized)            -> features [B, D]
+    decoder_init.onnx   features [B, D]                             -> h, c [layers, B, hidden]
+    decoder_step.onnx   tokens [B] (int64), h, c                    -> logprobs [B, vocab], h, c
+    showtell_onnx.json  vocabulary, special ids, preprocessing, model and encoder names
+
+The batch dimension is dynamic in all three. Every graph is checked with ``onnx.checker`` and run with
+onnxruntime on random input against the PyTorch modules; the largest absolute differences are returned
+and stored in the JSON file. ``showtell.onnx_runtime`` runs the export with numpy and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from showtell import __version__
+from showtell.errors import ShowtellError
+
+FORMAT = "showtell-onnx"
+FORMAT_VERSION = 1
+CONFIG_NAME = "showtell_onnx.json"
+FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
+DEFAULT_OPSET = 17
+# largest allowed |onnxruntime - torch| on the random parity inputs
+TOLERANCE = {"encoder": 1e-3, "decoder_init": 1e-4, "decoder_step": 1e-4}
+
+
+class _Init(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        h, c = self.model.init_state(features)
+        return h, c
+
+
+class _Step(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, (h, c) = self.model.step(tokens, (h, c))
+        return torch.log_softmax(logits.float(), dim=-1), h, c
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
+            batch_dims: dict[str, int], opset: int) -> None:
+    import onnx
+
+    axes = {name: {dim: "batch"} for name, dim in batch_dims.items()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; the parity check is what counts
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _max_diff(path: Path, feeds: dict[str, np.ndarray], expected: list[Tensor]) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    if len(got) != len(expected):
+        raise ShowtellError(f"{path.name}: {len(got)} outputs, expected {len(expected)}")
+    diffs = []
+    for g, e in zip(got, expected, strict=True):
+        e = e.detach().cpu().numpy()
+        if g.shape != e.shape:
+            raise ShowtellError(f"{path.name}: output shape {g.shape}, torch gives {e.shape}")
+        diffs.append(float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)))))
+    return max(diffs)
+
+
+def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                quiet: bool = False, seed: int = 0) -> dict:
+    """Export a checkpoint (a file, or None for the built-in model) to ``out``; returns the JSON config written,
+    whose ``parity`` entry holds the max abs difference of each graph from torch on random input."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ShowtellError("ONNX export needs onnx and onnxruntime: pip install 'showtell[onnx]'") from None
+    from showtell.captioner import load
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShowtellError(f"{out}: exists and is not a directory")
+    captioner = load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, encoder, decoder = captioner.checkpoint, captioner.encoder.cpu().eval(), captioner.model.cpu().eval()
+    config, pre, vocab = decoder.config, captioner.preprocess, captioner.vocab
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    gen = torch.Generator().manual_seed(seed)
+    paths = {k: out / v for k, v in FILES.items()}
+    parity: dict[str, float] = {}
+
+    # export with batch 2, check with batch 3: the batch dimension must really be dynamic
+    say(f"exporting encoder {ckpt.encoder} -> {paths['encoder']}")
+    images = torch.randn(2, 3, pre.size, pre.size, generator=gen)
+    _export(encoder, (images,), paths["encoder"], ["images"], ["features"], {"images": 0, "features": 0}, opset)
+    images = torch.randn(3, 3, pre.size, pre.size, generator=gen)
+    with torch.inference_mode():
+        feats = encoder(images)
+    parity["encoder"] = _max_diff(paths["encoder"], {"images": images.numpy()}, [feats])
+
+    say(f"exporting decoder -> {paths['decoder_init']}, {paths['decoder_step']}")
+    state_dims = {"h": 1, "c": 1}
+    init, step = _Init(decoder).eval(), _Step(decoder).eval()
+    _export(init, (torch.randn(2, config.feature_dim, generator=gen),), paths["decoder_init"], ["features"],
+            ["h", "c"], {"features": 0, **state_dims}, opset)
+    with torch.inference_mode():
+        h, c = init(feats)
+    parity["decoder_init"] = _max_diff(paths["decoder_init"], {"features": feats.numpy()}, [h, c])
+
+    hidden = (config.num_layers, 2, config.hidden_dim)
+    example = (torch.tensor([vocab.start_id, 5 % config.vocab_size]), torch.randn(*hidden, generator=gen),
+               torch.randn(*hidden, generator=gen))
+    _export(step, example, paths["decoder_step"], ["tokens", "h_in", "c_in"], ["logprobs", "h", "c"],
+            {"tokens": 0, "h_in": 1, "c_in": 1, "logprobs": 0, **state_dims}, opset)
+    tokens = torch.randint(0, config.vocab_size, (3,), generator=gen)
+    with torch.inference_mode():
+        expected = step(tokens, h, c)
+    feeds = {"tokens": tokens.numpy(), "h_in": h.numpy(), "c_in": c.numpy()}
+    parity["decoder_step"] = _max_diff(paths["decoder_step"], feeds, list(expected))
+
+    for name, diff in parity.items():
+        say(f"  {name}: max abs diff vs torch {diff:.2e}")
+        if not diff <= TOLERANCE[name]:
+            raise ShowtellError(f"{FILES[name]} differs from torch by {diff:.3g} (> {TOLERANCE[name]:g}); "
+                                "the export is not usable")
+    record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "showtell_version": __version__,
+        "name": captioner.name,
+        "encoder": ckpt.encoder,
+        "feature_dim": config.feature_dim,
+        "model": config.to_dict(),
+        "preprocess": pre.to_dict(),
+        "vocab": vocab.to_dict(),  # vocab["tokens"] is itos: the word of each id
+        "special_ids": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id, "unk": vocab.unk_id},
+        "files": dict(FILES),
+        "step_output": "logprobs",
+        "opset": opset,
+        "parity": parity,
+        "metrics": ckpt.meta.get("metrics", {}),
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    say(f"wrote {out / CONFIG_NAME}")
+    return record

@@ -1,0 +1,301 @@
+"""Caption with an ONNX export (``showtell export``) using onnxruntime, numpy and PIL only: no torch.
+
+    captioner = load_onnx("export_dir")
+    [r.caption for r in captioner.caption(["photo.jpg"], beam_size=3)]
+
+Preprocessing reproduces the torchvision eval transform of ``showtell.encoders.Preprocess`` (on PIL images
+torchvision's Resize is PIL's resize, so the pixels are the same), and ``beam_search`` follows the rules of
+``showtell.decoding.BeamSearchDecoder`` step for step, so both runtimes give the same captions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from showtell.errors import ImageError, ShowtellError
+from showtell.images import ImageInput, describe, load_image
+from showtell.vocab import Vocabulary
+
+CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module imports torch)
+FORMAT, FORMAT_VERSION = "showtell-onnx", 1
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+State = tuple[np.ndarray, np.ndarray]  # (h, c), each [layers, B, hidden]
+
+
+@dataclass
+class CaptionResult:
+    """The caption of one image, or the error that kept it from being captioned (as showtell.captioner's)."""
+
+    image: str
+    caption: str | None = None
+    score: float | None = None
+    alternatives: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        d = {"image": self.image, "caption": self.caption, "score": self.score}
+        if self.alternatives:
+            d["alternatives"] = [{"caption": c, "score": s} for c, s in self.alternatives]
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start>/<end>
+    logprob: float
+    score: float
+    finished: bool
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(img: Image.Image, size: int, interpolation: str, mean: Sequence[float], std: Sequence[float],
+               crop_pct: float = 1.0) -> np.ndarray:
+    """RGB PIL image -> float32 [3, size, size], as torchvision's Resize(round(size / crop_pct), antialias=True),
+    CenterCrop(size), ToTensor, Normalize(mean, std)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    short_target = round(size / crop_pct)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = short_target, int(short_target * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _PIL_FILTERS[interpolation])
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))  # the resized short side is >= size: no padding
+    x = np.asarray(img, dtype=np.float32) / np.float32(255)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------- beam search
+
+
+def _score(logprob: float, length: int, length_penalty: float | None) -> float:
+    if length_penalty is None:
+        return logprob / max(length, 1)
+    return logprob / ((5 + length) / 6) ** length_penalty
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices [rows, k] of the k largest scores of each row, best first, ties to the lower index."""
+    width = scores.shape[1]
+    if k < width:
+        kth = np.partition(scores, width - k, axis=1)[:, width - k, None]  # the k-th largest value
+        above, tied = scores > kth, scores == kth
+        take = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+        index = np.nonzero(take)[1].reshape(-1, k)  # ascending in each row
+    else:
+        index = np.tile(np.arange(width), (scores.shape[0], 1))
+    perm = np.argsort(-np.take_along_axis(scores, index, 1), axis=1, kind="stable")
+    return np.take_along_axis(index, perm, 1)
+
+
+def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray, State], tuple[np.ndarray, State]],
+                features: np.ndarray, beam_size: int = 3, max_length: int = 20, start_id: int = 1, end_id: int = 2,
+                suppress: Sequence[int] = (0, 1, 3), length_penalty: float | None = None,
+                num_return: int = 1) -> list[list[Hypothesis]]:
+    """Batched beam search with the rules of ``showtell.decoding.BeamSearchDecoder`` (beam_size=1 is greedy).
+
+    Each step takes the top 2*beam of an image's (beams x vocab) cumulative log-probabilities, ties to the lower
+    index; an <end> candidate is a finished hypothesis if it ranks within the top `beam`; the best `beam` other
+    candidates go on. An image leaves the batch once it has `beam` finished hypotheses; after `max_length` words
+    the live beams are returned unfinished. Score = logprob / length (the <end> counts), or GNMT with alpha.
+    ``step`` returns log-probabilities [rows, vocab].
+    """
+    beam, n = beam_size, features.shape[0]
+    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+    unfinished: list[list[Hypothesis]] = [[] for _ in range(n)]
+
+    def add(target: list[list[Hypothesis]], imgs: np.ndarray, toks: np.ndarray, lps: np.ndarray, done: bool) -> None:
+        for i, tk, lp in zip(imgs.tolist(), toks.tolist(), lps.tolist(), strict=True):
+            if lp != -math.inf:
+                target[i].append(Hypothesis(tk, lp, _score(lp, len(tk) + int(done), length_penalty), done))
+
+    suppress = np.asarray(sorted(set(suppress)), dtype=np.int64)
+    state = init(features)
+    images = np.arange(n)
+    num_finished = np.zeros(n, dtype=np.int64)
+    cum = np.zeros((n, 1), dtype=np.float32)  # [images, beams]
+    words = np.zeros((n, 1, 0), dtype=np.int64)  # [images, beams, t]
+    tokens = np.full(n, start_id, dtype=np.int64)
+    for t in range(max_length + 1):
+        logprobs, state = step(tokens, state)
+        logprobs = np.array(logprobs, dtype=np.float32)  # a writable copy
+        logprobs[:, suppress] = -np.inf
+        n, nb = cum.shape
+        vocab = logprobs.shape[1]
+        scores = (logprobs.reshape(n, nb, vocab) + cum[:, :, None]).reshape(n, nb * vocab)
+        k = min(2 * beam, nb * vocab)
+        index = _top_k(scores, k)
+        top = np.take_along_axis(scores, index, 1)
+        source, token = index // vocab, index % vocab
+        is_end = token == end_id
+        ended = is_end.copy()
+        ended[:, beam:] = False
+        ended &= top > -np.inf
+        if ended.any():
+            rows, cols = ended.nonzero()
+            add(finished, images[rows], words[rows, source[rows, cols]], top[rows, cols], True)
+            num_finished += ended.sum(axis=1)
+        if t == max_length:
+            add(unfinished, np.repeat(images, nb), words.reshape(n * nb, t), cum.reshape(-1), False)
+            break
+        order = np.argsort(is_end.astype(np.uint8), axis=1, kind="stable")[:, : min(beam, k - nb)]
+        top, source, token = (np.take_along_axis(x, order, 1) for x in (top, source, token))
+        keep = (num_finished < beam).nonzero()[0]
+        if keep.size == 0:
+            break
+        if keep.size < n:
+            images, num_finished, top, source, token = (x[keep] for x in (images, num_finished, top, source, token))
+        rows = (keep * nb)[:, None] + source
+        rows = rows.reshape(-1)
+        state = tuple(s[:, rows] for s in state)
+        words = np.concatenate([words.reshape(n * nb, t)[rows], token.reshape(-1, 1)], axis=1)
+        words = words.reshape(*token.shape, t + 1)
+        cum, tokens = top, token.reshape(-1)
+    out = []
+    for fin, unf in zip(finished, unfinished, strict=True):
+        fin = sorted(fin, key=lambda h: -h.score)
+        seen = {tuple(h.tokens) for h in fin}
+        unf = sorted((h for h in unf if tuple(h.tokens) not in seen), key=lambda h: -h.score)
+        out.append((fin + unf)[: min(num_return, beam)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- captioner
+
+
+class OnnxCaptioner:
+    """An export folder ready to caption paths, PIL images or bytes, with the API of ``showtell.Captioner``."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ShowtellError("the ONNX runtime needs onnxruntime: pip install 'showtell[onnx]'") from None
+        folder = Path(folder)
+        if folder.is_file() and folder.name == CONFIG_NAME:
+            folder = folder.parent
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise ShowtellError(f"{folder}: not an ONNX export folder (no {CONFIG_NAME}); make one with "
+                                "showtell export --format onnx --out DIR")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShowtellError(f"{path}: cannot read ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != FORMAT_VERSION:
+            raise ShowtellError(f"{path}: not a showtell ONNX export (version {FORMAT_VERSION})")
+        self.config, self.name = config, str(config.get("name", config.get("encoder", "onnx")))
+        self.meta = {"name": self.name, "metrics": config.get("metrics", {})}
+        self.vocab = Vocabulary.from_dict(config["vocab"])
+        self.special = config["special_ids"]
+        self.pre = config["preprocess"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for key, filename in config["files"].items():
+            try:
+                self.sessions[key] = ort.InferenceSession(str(folder / filename), options,
+                                                          providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ShowtellError(f"{folder / filename}: cannot load ({str(e).splitlines()[0][:160]})") from None
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        p = self.pre
+        return preprocess(img, p["size"], p["interpolation"], p["mean"], p["std"], p.get("crop_pct", 1.0))
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Normalized images [B, 3, S, S] -> encoder features [B, D]."""
+        return self.sessions["encoder"].run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+    def _init(self, features: np.ndarray) -> State:
+        h, c = self.sessions["decoder_init"].run(None, {"features": features.astype(np.float32, copy=False)})
+        return h, c
+
+    def _step(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        feeds = {"tokens": tokens.astype(np.int64, copy=False), "h_in": np.ascontiguousarray(state[0]),
+                 "c_in": np.ascontiguousarray(state[1])}
+        logprobs, h, c = self.sessions["decoder_step"].run(None, feeds)
+        return logprobs, (h, c)
+
+    def caption_features(self, feats: np.ndarray, beam_size: int = 3, max_length: int = 20, num_return: int = 1,
+                         length_penalty: float | None = None,
+                         suppress_unk: bool = True) -> list[list[tuple[str, float]]]:
+        """Decode encoder features: per image, (caption, score) pairs best first."""
+        if beam_size < 1 or max_length < 1:
+            raise ShowtellError(f"decoding: beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
+        sp = self.special
+        suppress = [sp["pad"], sp["start"], *([sp["unk"]] if suppress_unk else [])]
+        hyps = beam_search(self._init, self._step, feats, beam_size=beam_size, max_length=max_length,
+                           start_id=sp["start"], end_id=sp["end"], suppress=suppress,
+                           length_penalty=length_penalty, num_return=max(1, num_return))
+        return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in hyps]
+
+    def _load(self, src: ImageInput) -> np.ndarray | str:
+        try:
+            return self.preprocess(load_image(src))
+        except ImageError as e:
+            return str(e)
+
+    def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
+                     batch_size: int = 16, num_return: int = 1, **decoding) -> Iterator[CaptionResult]:
+        """Caption images batch by batch, yielding results in input order; a bad image gets ``error`` set."""
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batch: list[ImageInput] = []
+            for src in images:
+                batch.append(src)
+                if len(batch) == batch_size:
+                    yield from self._caption_batch(batch, pool, beam_size, max_length, num_return, decoding)
+                    batch = []
+            if batch:
+                yield from self._caption_batch(batch, pool, beam_size, max_length, num_return, decoding)
+
+    def _caption_batch(self, batch: Sequence[ImageInput], pool: ThreadPoolExecutor, beam_size: int, max_length: int,
+                       num_return: int, decoding: dict) -> list[CaptionResult]:
+        loaded = list(pool.map(self._load, batch))
+        results = [CaptionResult(describe(src)) for src in batch]
+        good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
+        for i, x in enumerate(loaded):
+            if isinstance(x, str):
+                results[i].error = x
+        if good:
+            feats = self.features(np.stack([loaded[i] for i in good]))
+            beams = self.caption_features(feats, beam_size, max_length, min(num_return, beam_size), **decoding)
+            for i, per_image in zip(good, beams, strict=True):
+                results[i].caption, results[i].score = per_image[0]
+                results[i].alternatives = per_image[1:]
+        return results
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], **kwargs) -> list[CaptionResult]:
+        """Caption one image or a list of them."""
+        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
+            images = [images]
+        return list(self.iter_caption(images, **kwargs))
+
+
+def load_onnx(folder: str | os.PathLike | None, threads: int | None = None) -> OnnxCaptioner:
+    """Load an export folder made by ``showtell export --format onnx``."""
+    if folder is None:
+        raise ShowtellError("--runtime onnx needs --model DIR, a folder made by showtell export --format onnx")
+    return OnnxCaptioner(folder, threads=threads)
