@@ -56,3 +56,22 @@ def write_results(path: str | Path, records: list[CaptionRecord], captions: list
     """COCO-format results: [{"image_id", "caption"}], image_id = the image file's name."""
     rows = [{"image_id": r.image.name, "caption": c} for r, c in zip(records, captions)]
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def evaluate_records(captioner, records: list[CaptionRecord], options: DecodingOptions,
+                     cache_dir: str | Path | None = None, quiet: bool = False,
+                     metrics: tuple[str, ...] = METRIC_NAMES) -> tuple[Scores, dict, list[CaptionRecord], list[str]]:
+    """Caption ``records`` with a loaded Captioner (features through the cache) and score them.
+
+    Returns the scores, the summary (images, distinct), the records captioned (unreadable images
+    are left out) and their captions."""
+    from showtell.features import extract_features
+
+    cache = extract_features([r.image for r in records], captioner.checkpoint.encoder, cache_dir, quiet=quiet,
+                             encoder=captioner.encoder)
+    records = [r for r in records if str(r.image.resolve()) not in cache.failed]
+    rows = [cache.row(r.image.resolve()) for r in records]
+    feats = torch.from_numpy(cache.features[rows, 0].astype("float32"))
+    captions = generate(captioner.model, captioner.vocab, feats, options)
+    scores, summary = score_records(records, captions, metrics=metrics)
+    return scores, summary, records, captions
