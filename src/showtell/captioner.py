@@ -65,7 +65,15 @@ class Captioner:
         self.vocab = checkpoint.vocab
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
-        self.encoder = (encoder or create_encoder(checkpoint.encoder)).to(self.device).eval()
+        self.encoder = encoder or create_encoder(checkpoint.encoder)
+        tuned = checkpoint.tensors("encoder/")
+        if tuned:  # the encoder's last stage was fine-tuned with the model
+            try:
+                self.encoder.load_state_dict(tuned)
+            except RuntimeError as e:
+                raise CheckpointError(f"fine-tuned encoder weights do not fit {checkpoint.encoder}: "
+                                      f"{' '.join(str(e).split())[:160]}") from None
+        self.encoder = self.encoder.to(self.device).eval()
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
@@ -132,4 +140,9 @@ class Captioner:
 
 def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu") -> Captioner:
     """Load a checkpoint file, or the built-in model when no argument is given."""
-    return Captioner(load_checkpoint(resolve_model(path_or_name), map_location="cpu"), device=device)
+    path = resolve_model(path_or_name)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    try:
+        return Captioner(checkpoint, device=device)
+    except ShowtellError as e:  # an unknown encoder, a bad preprocessing record, features of the wrong size
+        raise CheckpointError(f"{path}: {e}") from None

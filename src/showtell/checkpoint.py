@@ -72,10 +72,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        with open(path, "rb") as f:
+            head = f.read(9)  # safetensors: an 8-byte header length, then the JSON header's "{"
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    # torch.save's zip, or a bare pickle (protocol 2-5); the "{" test keeps a real header length that starts alike
+    pickled = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+    if pickled and head[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors checkpoint but a pickle (torch.save) file; showtell "
+                              "never unpickles files, as that can run code")
+    try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("showtell")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a safetensors checkpoint ({str(e).splitlines()[0][:120]})") from None
+        detail = str(e).splitlines()[0][:120]
+        if "not fully covered" in detail:  # the header describes more bytes than the file has
+            raise CheckpointError(f"{path}: checkpoint is truncated (the file is shorter than its header says; "
+                                  "copy or download it again)") from None
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({detail})") from None
     if raw is None:
         raise CheckpointError(f"{path}: a safetensors file but not a showtell checkpoint (no 'showtell' metadata)")
     try:
@@ -83,7 +97,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a showtell checkpoint (metadata format {meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: not a showtell checkpoint (metadata format {found!r})")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')!r} is not supported "
                               f"(this showtell {_version()} reads version {FORMAT_VERSION})")

@@ -48,7 +48,7 @@ def _done_images(output: str) -> set[str]:
     """Images already in a JSONL results file (for --resume); a torn last line is ignored."""
     done = set()
     try:
-        with open(output, encoding="utf-8") as f:
+        with open(output, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -61,14 +61,51 @@ def _done_images(output: str) -> set[str]:
     return done
 
 
+def _drop_torn_tail(output: str) -> int:
+    """Cut a partial last line (a run killed mid-write) so that appended records start on a line of their own.
+
+    Returns the number of bytes cut."""
+    try:
+        with open(output, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:  # scan back from the end for the last newline, a block at a time
+                start = max(pos - 65536, 0)
+                f.seek(start)
+                block = f.read(pos - start)
+                if pos == end and block.endswith(b"\n"):
+                    return 0
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    return end - (start + cut + 1)
+                pos = start
+            f.truncate(0)
+            return end
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise ShowtellError(f"{output}: cannot read ({e.strerror})") from None
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from showtell.images import expand_paths
 
-    paths = [str(p) for p in expand_paths(args.paths)]
+    paths, empty_dirs = [], []
+    for arg in args.paths:
+        found = [str(p) for p in expand_paths([arg])]
+        if not found and os.path.isdir(arg):
+            empty_dirs.append(arg)
+        paths.extend(found)
     if not paths:
         raise ShowtellError("no images found in " + " ".join(args.paths))
     if args.resume and not (args.output and args.format == "jsonl"):
         raise ShowtellError("--resume needs --output FILE with --format jsonl")
+    for arg in empty_dirs:  # e.g. a folder named photo.jpg: say so rather than skip it silently
+        print(f"showtell: error: {arg}: a folder with no image files in it, not an image", file=sys.stderr)
+    if args.resume and _drop_torn_tail(args.output):
+        print(f"showtell: warning: dropped a partial last line of {args.output} (an interrupted write)",
+              file=sys.stderr)
     done = _done_images(args.output) if args.resume else set()
     todo = [p for p in paths if p not in done]
     if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
@@ -79,8 +116,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
         from showtell.captioner import load
 
         captioner = load(args.model)
-    out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
-    results, failures = [], 0
+    try:
+        out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as e:
+        raise ShowtellError(f"{args.output}: cannot write ({e.strerror})") from None
+    results, failures = [], len(empty_dirs)
     try:
         for r in captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
                                         batch_size=args.batch_size):

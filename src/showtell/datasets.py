@@ -56,7 +56,8 @@ def _read_text(path: Path) -> str:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        line = e.object[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -174,7 +175,10 @@ def read_csv(captions_file: str | Path, image_dir: str | Path, split: str | None
     except csv.Error:
         dialect = csv.excel
     reader = csv.reader(lines, dialect)
-    header = [h.strip().lower() for h in next(reader)]
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except csv.Error as e:
+        raise DataError(f"{path}:1: {e}") from None
 
     def column(options: tuple[str, ...], what: str, required: bool = True) -> int | None:
         for opt in options:
@@ -187,7 +191,14 @@ def read_csv(captions_file: str | Path, image_dir: str | Path, split: str | None
     ci, cc = column(IMAGE_COLUMNS, "image"), column(CAPTION_COLUMNS, "caption")
     cs = column(("split",), "split", required=False)
     items: dict[str, dict] = {}
-    for lineno, row in enumerate(reader, 2):
+    rows = enumerate(reader, 2)
+    while True:
+        try:
+            lineno, row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise DataError(f"{path}:{reader.line_num}: {e}") from None
         if not row or not any(cell.strip() for cell in row):
             continue
         if len(row) <= max(ci, cc, cs or 0):

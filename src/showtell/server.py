@@ -137,19 +137,21 @@ class Batcher:
 class _BodyLimit:
     """Refuse request bodies over a size limit with 413, before or while they are read."""
 
-    def __init__(self, app: ASGIApp, limit_for: Any):
+    def __init__(self, app: ASGIApp, limit_for: Any, message_for: Any = None):
         self.app = app
         self.limit_for = limit_for
+        self.message_for = message_for  # the limit as the user set it (limit_for adds room for multipart framing)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
+        message = self.message_for(scope["path"]) if self.message_for else _too_large(limit)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            await _error(413, _too_large(limit))(scope, receive, send)
+            await _error(413, message)(scope, receive, send)
             return
         seen = 0
 
@@ -159,7 +161,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(413, _too_large(limit))
+                    raise HTTPException(413, message)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -226,7 +228,9 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
     app = FastAPI(title="showtell", summary="Show-and-Tell image captioning", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit, limit_for=lambda path: (
-        (opts.max_bytes + MULTIPART_OVERHEAD) * (opts.max_files if path == "/v1/captions" else 1)))
+        (opts.max_bytes + MULTIPART_OVERHEAD) * (opts.max_files if path == "/v1/captions" else 1)),
+        message_for=lambda path: (f"request too large (limit {opts.max_files} files of {opts.max_upload_mb:g} MiB)"
+                                  if path == "/v1/captions" else _too_large(opts.max_bytes)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

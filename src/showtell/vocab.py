@@ -23,16 +23,24 @@ FORMAT_VERSION = 1
 # Mirrors the PTB tokenizer used for the caption metrics: clitics split off ("dog's" -> dog 's,
 # "don't" -> do n't, "cannot" -> can not); a word is a run of letters/digits, optionally joined by
 # inner apostrophes or hyphens ("t-shirt"); everything else (punctuation, symbols) is dropped.
-_CLITICS = [(re.compile(r"\bcannot\b"), "can not"), (re.compile(r"n't\b"), " n't"),
-            (re.compile(r"'(s|re|ve|ll|d|m)\b"), r" '\1")]
+# A clitic is split off only while attached to a word, so splitting again changes nothing.
+_CLITICS = [(re.compile(r"\bcannot\b"), "can not"), (re.compile(r"(?<=[^\W_])n't\b"), " n't"),
+            (re.compile(r"(?<=[^\W_])'(s|re|ve|ll|d|m)\b"), r" '\1")]
 _WORD = re.compile(r"'?[^\W_]+(?:['\-][^\W_]+)*")
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercase ``text`` and split it into words; punctuation is split off and dropped."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
-    for pattern, repl in _CLITICS:
-        text = pattern.sub(repl, text)
+    # "_" is dropped like punctuation, so it must also end a word for the clitic rules ("dog's_" as "dog's")
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'").replace("_", " ")
+    # Until nothing changes: a split can expose another clitic ("an'tn't" -> "an't n't" -> "a n't n't").
+    # Each pass that changes something splits off at least one apostrophe clitic, which bounds the loop.
+    for _ in range(text.count("'") + 2):
+        before = text
+        for pattern, repl in _CLITICS:
+            text = pattern.sub(repl, text)
+        if text == before:
+            break
     return _WORD.findall(text)
 
 
