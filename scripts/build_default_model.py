@@ -26,7 +26,7 @@ def main() -> int:
     from showtell.datasets import load_corpus
     from showtell.decoding import DecodingOptions
     from showtell.evaluate import evaluate_records, most_common_captions
-    from showtell.train import Trainer, TrainConfig
+    from showtell.train import TrainConfig, Trainer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=os.environ.get("SHOWTELL_FLICKR8K", str(REPO.parent / "shared/data/flickr8k")))

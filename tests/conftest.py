@@ -54,3 +54,9 @@ def photos(tmp_path_factory) -> Path:
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=90)
     return folder
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One feature cache folder for every test that trains, so each image set is extracted once."""
+    return tmp_path_factory.mktemp("features")

@@ -22,10 +22,10 @@ def showtell(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def run(flickr8k, tmp_path_factory):
+def run(flickr8k, tmp_path_factory, feature_cache):
     tmp = tmp_path_factory.mktemp("train")
     out = tmp / "run"
-    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", tmp / "cache",
+    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", feature_cache,
              "--epochs", 3, *ARGS)
     return out, tmp
 
@@ -50,22 +50,22 @@ def test_run_writes_its_files_and_beats_untrained(run):
     assert load_checkpoint(out / "last.safetensors").tensors("optimizer/")
 
 
-def test_resume_continues_the_run(run, flickr8k):
+def test_resume_continues_the_run(run, flickr8k, feature_cache):
     out, tmp = run
     before = rows(out / "metrics.csv")
-    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", tmp / "cache",
+    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", feature_cache,
              "--epochs", 4, "--resume", *ARGS)
     after = rows(out / "metrics.csv")
     assert after[:3] == before and int(after[-1]["epoch"]) == 4
     refused = showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir",
-                       tmp / "cache", *ARGS, check=False)
+                       feature_cache, *ARGS, check=False)
     assert refused.returncode == 1 and "--resume" in refused.stderr
 
 
-def test_evaluate_and_caption_with_the_checkpoint(run, flickr8k, tmp_path):
+def test_evaluate_and_caption_with_the_checkpoint(run, flickr8k, tmp_path, feature_cache):
     out, tmp = run
     res = showtell("evaluate", "--model", out / "best.safetensors", "--dataset", "flickr8k", "--root", flickr8k,
-                   "--split", "test", "--limit", 40, "--cache-dir", tmp / "cache", "--json", "--quiet",
+                   "--split", "test", "--limit", 40, "--cache-dir", feature_cache, "--json", "--quiet",
                    "--results", tmp_path / "results.json")
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
@@ -75,3 +75,47 @@ def test_evaluate_and_caption_with_the_checkpoint(run, flickr8k, tmp_path):
     assert "SPICE" in res.stdout and "skipped" in res.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 40 and set(results[0]) == {"image_id", "caption"}
+
+
+def test_killed_run_resumes_to_the_same_metrics(flickr8k, tmp_path, feature_cache):
+    """SIGKILL in the middle of epoch 2, --resume, and the run ends exactly where an uninterrupted one does."""
+    import os
+    import signal
+    import time
+
+    args = ["train", "--dataset", "flickr8k", "--root", flickr8k, "--cache-dir", feature_cache, "--epochs", 3,
+            *ARGS, "--batch-size", 8]
+    showtell(*args, "--out", tmp_path / "straight")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "showtell", *map(str, args), "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into epoch 2 (about 190 batches of 8)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(rows(killed / "metrics.csv")) == 1
+    showtell(*args, "--out", killed, "--resume")
+    straight, resumed = rows(tmp_path / "straight" / "metrics.csv"), rows(killed / "metrics.csv")
+    assert len(resumed) == len(straight) == 3
+    for a, b in zip(straight, resumed):
+        for key in ("train_loss", "BLEU-4", "CIDEr", "dev_distinct"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-9), key
+
+
+def test_end_to_end_fine_tuning_writes_a_checkpoint_that_captions(flickr8k, tmp_path, photos):
+    """Images through the encoder every batch (random crop/flip), last stage fine-tuned: same checkpoint format."""
+    import showtell as api
+
+    out = tmp_path / "e2e"
+    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", tmp_path / "c",
+             "--end-to-end", "--fine-tune", "--limit", 12, "--encoder", "efficientnet_lite0", "--epochs", 1,
+             "--batch-size", 16, "--hidden-dim", 64, "--eval-max-length", 8, "--quiet")
+    ckpt = load_checkpoint(out / "best.safetensors")
+    tuned = ckpt.tensors("encoder/")
+    assert tuned and any("conv_head" in k for k in tuned)
+    assert not (tmp_path / "c").exists()  # no feature cache on this path
+    result = api.load(out / "best.safetensors").caption(photos / "chelsea.jpg")[0]
+    assert result.ok and result.caption

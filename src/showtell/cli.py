@@ -153,7 +153,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (``--batch-size``, ``--flip/--no-flip``, ...), default None = not given."""
     from dataclasses import fields
 
-    from showtell.train import TrainConfig
+    from showtell.config import TrainConfig
 
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -168,7 +168,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from dataclasses import asdict, fields
 
-    from showtell.train import TrainConfig
+    from showtell.config import TrainConfig
 
     values = asdict(TrainConfig())
     if args.config:
@@ -250,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="showtell", description="Show-and-Tell image captioning: caption, train, evaluate, serve.")
     parser.add_argument("--version", action="version", version=f"showtell {__version__}")
@@ -292,8 +292,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file of training settings (flags override it)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    if train_flags:  # they come from TrainConfig, whose module imports torch
-        _add_config_args(train)
+    _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
@@ -333,7 +332,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(train_flags="train" in argv)  # other commands (caption --runtime onnx) need no torch
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

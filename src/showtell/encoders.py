@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from showtell.config import DEFAULT_ENCODER
 from showtell.errors import ShowtellError
 
-DEFAULT_ENCODER = "efficientnet_lite2"
 OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

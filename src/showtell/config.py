@@ -1,0 +1,92 @@
+"""Training settings: a frozen dataclass that CLI flags and a TOML file map onto.
+
+Kept free of torch imports, so the CLI can list the flags without loading torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from showtell.errors import ShowtellError
+
+DEFAULT_ENCODER = "efficientnet_lite2"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting. CLI flags and a TOML file map onto these fields."""
+
+    # data
+    dataset: str = "flickr8k"
+    root: str = ""
+    captions: str | None = None
+    images: str | None = None
+    split_name: str | None = None
+    limit: int | None = None          # first N images of each split (smoke runs)
+    min_count: int = 5
+    max_words: int = 30               # longer training captions are cut (a handful in Flickr8k)
+    # model
+    encoder: str = DEFAULT_ENCODER
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    batch_norm: bool = False
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: float = 0.9             # multiply the learning rate by this after every epoch
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    flip: bool = True                 # also train on features of horizontally flipped images
+    patience: int = 3                 # stop after this many epochs without a better dev CIDEr
+    seed: int = 0
+    # self-critical stage after cross-entropy (0 = off): CIDEr-D reward, mean-of-other-samples baseline
+    scst_epochs: int = 0
+    scst_lr: float = 5e-5
+    scst_samples: int = 5
+    scst_batch_size: int = 50
+    scst_max_length: int = 16
+    # dev evaluation after each epoch
+    eval_beam_size: int = 1
+    eval_max_length: int = 20
+    # end to end: images through the encoder every batch (for GPUs), optional fine-tuning
+    end_to_end: bool = False
+    fine_tune: bool = False
+    # where things go
+    cache_dir: str | None = None
+    device: str = "auto"
+    amp: bool = True                  # mixed precision: fp16 on CUDA, bf16 on CPUs that support it
+    num_workers: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ShowtellError(f"unknown training setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> dict:
+        """The settings in a TOML file (flat, or under a [train] table), as a dict to merge."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ShowtellError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ShowtellError(f"{path}: invalid TOML ({e})") from None
+        data = data.get("train", data)
+        cls.from_dict({**asdict(cls()), **data})  # validate names early
+        return data
