@@ -67,13 +67,14 @@ def main() -> int:
     meta["metrics"] = {**metrics, "scored_with": "showtell evaluate (pycocoevalcap scorers, PTB tokenizer)"}
     meta["training"] = {**meta.get("training", {}), "command": "python scripts/build_default_model.py",
                         "config_file": "configs/flickr8k.toml", "data": "Flickr8k (Hodosh et al. 2013), "
-                        "standard 6000/1000/1000 split", "train_seconds": round(train_seconds),
+                        "standard 6000/1000/1000 split", "train_seconds": round(state["train_seconds"]),
                         "eval_seconds": round(eval_seconds), "best_epoch": state["best_epoch"]}
     meta["samples"] = samples
     meta.pop("train_state", None)
     save_checkpoint(args.dest, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=meta, half=True)
     print(json.dumps({"dest": args.dest, "size_mb": round(Path(args.dest).stat().st_size / 1e6, 2),
-                      "train_seconds": round(train_seconds), "eval_seconds": round(eval_seconds),
+                      "this_run_seconds": round(train_seconds), "epoch_seconds": round(state["train_seconds"]),
+                      "eval_seconds": round(eval_seconds),
                       "test_beam3": metrics["test_beam3"]}))
     return 0
 

@@ -1,0 +1,38 @@
+"""The model shipped inside the package: offline captioning the minute showtell is installed."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+import showtell
+from showtell.captioner import WEIGHTS_DIR
+from showtell.checkpoint import read_metadata
+
+SHIPPED = WEIGHTS_DIR / "flickr8k.safetensors"
+EXAMPLES = REPO / "examples" / "images"
+
+
+def test_shipped_checkpoint_is_small_and_records_how_it_was_made():
+    assert SHIPPED.stat().st_size < 20e6
+    meta = read_metadata(SHIPPED)
+    assert meta["encoder"] == "efficientnet_lite2" and meta["name"] == "flickr8k"
+    assert meta["training"]["command"] == "python scripts/build_default_model.py"
+    for split in ("dev", "test"):
+        for beam in (1, 3, 5):
+            scores = meta["metrics"][f"{split}_beam{beam}"]
+            assert 0.1 < scores["BLEU-4"] < 1 and 0.2 < scores["CIDEr"] < 3 and scores["images"] == 1000
+
+
+def test_load_without_arguments_captions_the_example_photos():
+    results = showtell.load().caption(sorted(EXAMPLES.glob("*.jpg")), beam_size=3)
+    assert len(results) == 8 and all(r.ok and r.caption for r in results)
+    assert len({r.caption for r in results}) >= 5  # not the same sentence for every photo
+
+
+def test_readme_main_command_captions_offline():
+    out = subprocess.run([sys.executable, "-m", "showtell", "caption", str(EXAMPLES), "--format", "jsonl"],
+                         capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 8 and all(r["caption"] and r["score"] < 0 for r in rows)
