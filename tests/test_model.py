@@ -137,3 +137,12 @@ def test_features_of_another_dtype_are_accepted():
         c = model.init_state(features.half())
     torch.testing.assert_close(c, b)
     assert a[0].dtype == torch.float32
+
+
+def test_batch_norm_model_trains_on_a_batch_of_one() -> None:
+    """Length-bucket batches can hold a single caption; BatchNorm must not crash on them."""
+    model = CaptionModel(ModelConfig(vocab_size=20, feature_dim=8, embed_dim=8, hidden_dim=8, batch_norm=True))
+    model.train()
+    loss = model.loss(torch.randn(1, 8), torch.tensor([[1, 5, 6, 2]]))
+    loss.backward()
+    assert torch.isfinite(loss)

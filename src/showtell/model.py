@@ -80,8 +80,12 @@ class CaptionModel(nn.Module):
     def _image_input(self, features: Tensor) -> Tensor:
         """[B, feature_dim] -> the LSTM's first input [B, 1, embed_dim]."""
         x = self.image_proj(features.to(self.image_proj.weight.dtype))
-        if self.image_norm is not None:
-            x = self.image_norm(x)
+        norm = self.image_norm
+        if norm is not None and self.training and x.shape[0] == 1:
+            # a batch of one (a rare caption length): training-mode BatchNorm cannot take it, use running stats
+            x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        elif norm is not None:
+            x = norm(x)
         return self.drop(x).unsqueeze(1)
 
     def _hidden(self, features: Tensor, captions: Tensor) -> Tensor:
