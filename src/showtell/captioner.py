@@ -92,8 +92,10 @@ class Captioner:
             return str(e)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        from showtell.features import encode
+
         with torch.inference_mode():
-            return self.encoder(images.to(self.device))
+            return encode(self.encoder, images.to(self.device))
 
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
         """Decode encoder features: per image, (caption, score) pairs best first."""

@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: threads that wait sleep instead of spinning. With another busy process on a
+    # 2-core CPU, spinning made training 9-21x slower (benchmarks/threads.py); on an idle machine sleeping costs
+    # about a fifth. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -29,6 +29,9 @@ from showtell.images import load_image
 FORMAT = "showtell-features"
 FORMAT_VERSION = 1
 CACHE_ENV = "SHOWTELL_CACHE"
+# Images per encoder forward pass on the CPU: on 2 cores efficientnet_lite2 ran fastest at 4 (1.5-2x the images/s
+# of 16-32, whose large activations also cost page-fault system time); see benchmarks/caption_speed.py.
+ENCODER_BATCH = 4
 
 
 def default_cache_dir() -> Path:
@@ -103,6 +106,13 @@ def _collate(items):
     return rows, x, bad
 
 
+def encode(encoder, images: torch.Tensor) -> torch.Tensor:
+    """``encoder`` over images [N, 3, H, W] -> features [N, D], in chunks of ``ENCODER_BATCH`` on the CPU."""
+    if images.device.type != "cpu" or len(images) <= ENCODER_BATCH:
+        return encoder(images)
+    return torch.cat([encoder(chunk) for chunk in images.split(ENCODER_BATCH)])
+
+
 def iter_features(encoder, images: list[Path], rows: list[int], flip: bool = False, batch_size: int = 32,
                   num_workers: int = 1, device: str = "cpu") -> Iterator[tuple[list[int], torch.Tensor, dict]]:
     """Run ``encoder`` over ``images[rows]`` in batches: yields (rows done, features [b, views, D] on the
@@ -115,7 +125,7 @@ def iter_features(encoder, images: list[Path], rows: list[int], flip: bool = Fal
             feats = torch.empty(0)
             if x is not None:
                 b, v = x.shape[:2]
-                feats = encoder(x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1)
+                feats = encode(encoder, x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1)
             yield done, feats, bad
 
 

@@ -5,6 +5,7 @@ checkpoints, early stopping, resume, readable logs."""
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 import os
@@ -39,8 +40,12 @@ def _distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        # CPU tensors (loss sums, token counts, the run state) go through gloo also where NCCL carries the gradients;
+        # each process takes the GPU of its LOCAL_RANK; the long timeout covers rank 0 extracting features.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=6))
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -281,7 +286,18 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = self.loss_fn(feats, caps)
             self.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            weight = 1.0
+            if self.world > 1:  # DDP averages the ranks' gradients: weight each rank by its share of the tokens
+                tokens = (caps[:, 1:] != 0).sum().to("cpu", torch.float64).reshape(1)
+                mine = tokens.item()
+                torch.distributed.all_reduce(tokens)
+                weight = mine * self.world / tokens.item()
+            scaler.scale(loss * weight).backward()
+            if self.world > 1 and self.encoder is not None and c.fine_tune:  # outside DDP: average by hand
+                for p in self.encoder.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            c.grad_clip)
@@ -392,6 +408,8 @@ class Trainer:
 
     def run(self) -> dict:
         c = self.config
+        if c.scst_epochs and self.world > 1:  # before any work, on every rank
+            raise ShowtellError("self-critical training runs in one process; drop --scst-epochs under torchrun")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.prepare()
@@ -422,8 +440,6 @@ class Trainer:
         if self.main and self.state["stage"] == "xe" and self.state["bad_epochs"] >= c.patience:
             self.say(f"early stop: no better dev CIDEr for {c.patience} epochs")
         if c.scst_epochs and self.main:
-            if self.world > 1:
-                raise ShowtellError("self-critical training runs in one process; drop --scst-epochs under torchrun")
             if self.state["stage"] == "xe":
                 self._start_scst()
             while (self.state["epoch"] - self.state["scst_start"] < c.scst_epochs

@@ -1,0 +1,109 @@
+"""Training throughput in captions/s: showtell's training loop against the classic tutorial loop, in one run.
+
+    python benchmarks/train_speed.py [--quick] [--limit 1000] [--rounds 3] [--ref-steps 3] [--cache-dir DIR]
+
+showtell: the real ``Trainer.train_epoch`` (cached fp16 features, a random view of each image, the real
+LengthBucketSampler batches of 64, ``CaptionModel.loss`` through the DDP-ready loss module, Adam, gradient
+clipping) over the captions of the first ``--limit`` Flickr8k training images, with the vocabulary of the whole
+training split. Features come from ``--cache-dir`` when it holds (or may build) the training split's flip cache,
+otherwise they are random fp16 vectors of the real shape: the cost of a step does not depend on their values.
+
+reference: ``benchmarks/reference.py``'s CVND training step on the same images and vocabulary size: 64 captions
+of one length, JPEG decoding + the classic transform, a frozen ResNet-50 forward, LSTM forward/backward, Adam.
+
+The two alternate (a reference slice, then a showtell epoch, ``--rounds`` times) after one warm-up each, so
+load from other processes hits both alike. The last line is a JSON object; ``ratio`` = showtell / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import cli_environment, corpus, emit, flickr8k_root, peak_rss_mb
+from reference import Reference
+
+
+def make_trainer(train_records, limit: int, out: Path, cache_dir: str | None):
+    from showtell.data import LengthBucketSampler
+    from showtell.encoders import encoder_info
+    from showtell.features import extract_features
+    from showtell.train import TrainConfig, Trainer
+
+    config = TrainConfig(root=str(flickr8k_root()), encoder="efficientnet_lite2", batch_size=64, device="cpu",
+                         cache_dir=cache_dir)
+    trainer = Trainer(config, out, quiet=True)
+    trainer.records = {"train": train_records, "dev": []}
+    trainer.info = encoder_info(config.encoder)
+    if cache_dir:
+        cache = extract_features([r.image for r in train_records], config.encoder, cache_dir, flip=True)
+        rows = [cache.row(r.image.resolve()) for r in train_records]
+        trainer.train_features = torch.from_numpy(np.ascontiguousarray(cache.features[rows]))
+        source = "cache"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        trainer.train_features = torch.randn(len(train_records), 2, trainer.info["feature_dim"],
+                                             generator=gen).half()
+        source = "random"
+    trainer.build()  # the vocabulary of the whole training split, as in a real run
+    trainer.items = [it for it in trainer.items if it[0] < limit]
+    trainer.sampler = LengthBucketSampler([len(t) for _, t in trainer.items], config.batch_size, seed=config.seed)
+    return trainer, source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
+    ap.add_argument("--limit", type=int, help="showtell trains on the captions of the first N images "
+                                              "(default 1000, quick 300)")
+    ap.add_argument("--rounds", type=int, help="timed rounds (default 3, quick 2)")
+    ap.add_argument("--ref-steps", type=int, help="reference steps per round (default 3, quick 1)")
+    ap.add_argument("--cache-dir", help="feature cache holding the training split's flip features")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads for both (default: torch's own)")
+    args = ap.parse_args()
+    cli_environment()
+    limit = args.limit or (300 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 3)
+    ref_steps = args.ref_steps or (1 if args.quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train = corpus().split("train")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, source = make_trainer(train, limit, Path(tmp) / "run", args.cache_dir)
+        vocab = trainer.vocab
+        items = [(r.image, vocab.encode(c)) for r in train[:limit] for c in r.captions]
+        ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.end_id)
+
+        ref.train_step()  # warm-up: first-call allocations and kernel selection
+        trainer.train_epoch(0)
+        ref_time = st_time = 0.0
+        ref_caps = st_caps = 0
+        st_losses = []
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(ref_steps):
+                ref_caps += ref.train_step()[1]
+            ref_time += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            st_losses.append(trainer.train_epoch(r + 1))
+            st_time += time.perf_counter() - t0
+            st_caps += len(trainer.items)
+
+    st_speed, ref_speed = st_caps / st_time, ref_caps / ref_time
+    emit({"benchmark": "train_speed", "ratio": round(st_speed / ref_speed, 1),
+          "showtell_captions_per_s": round(st_speed, 1), "reference_captions_per_s": round(ref_speed, 2),
+          "showtell_captions": st_caps, "showtell_seconds": round(st_time, 2),
+          "reference_captions": ref_caps, "reference_seconds": round(ref_time, 2),
+          "batch_size": 64, "limit_images": limit, "vocab_size": len(vocab), "features": source,
+          "showtell_loss_per_epoch": [round(x, 3) for x in st_losses], "threads": torch.get_num_threads(),
+          "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "peak_rss_mb": round(peak_rss_mb(), 1)})
+
+
+if __name__ == "__main__":
+    main()
