@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from showtell.checkpoint import Checkpoint, load_checkpoint
 from showtell.decoding import DecodingOptions, decode
 from showtell.errors import CheckpointError, ImageError, ShowtellError
 from showtell.images import ImageInput, describe, load_image
+from showtell.result import CaptionResult
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "flickr8k"
@@ -30,29 +30,6 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
         raise ShowtellError(f"the built-in model '{DEFAULT_MODEL}' is not in this install ({WEIGHTS_DIR}); "
                             "pass --model FILE")
     return path
-
-
-@dataclass
-class CaptionResult:
-    """The caption of one image, or the error that kept it from being captioned."""
-
-    image: str
-    caption: str | None = None
-    score: float | None = None       # length-normalised log-probability of the caption
-    alternatives: list[tuple[str, float]] = field(default_factory=list)  # other beams, best first
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict:
-        d = {"image": self.image, "caption": self.caption, "score": self.score}
-        if self.alternatives:
-            d["alternatives"] = [{"caption": c, "score": s} for c, s in self.alternatives]
-        if self.error:
-            d["error"] = self.error
-        return d
 
 
 class Captioner:

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from PIL import Image
 
 from showtell.errors import ImageError, ShowtellError
 from showtell.images import ImageInput, describe, load_image
+from showtell.result import CaptionResult
 from showtell.vocab import Vocabulary
 
 CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module imports torch)
@@ -30,29 +31,6 @@ FORMAT, FORMAT_VERSION = "showtell-onnx", 1
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 State = tuple[np.ndarray, np.ndarray]  # (h, c), each [layers, B, hidden]
-
-
-@dataclass
-class CaptionResult:
-    """The caption of one image, or the error that kept it from being captioned (as showtell.captioner's)."""
-
-    image: str
-    caption: str | None = None
-    score: float | None = None
-    alternatives: list[tuple[str, float]] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict:
-        d = {"image": self.image, "caption": self.caption, "score": self.score}
-        if self.alternatives:
-            d["alternatives"] = [{"caption": c, "score": s} for c, s in self.alternatives]
-        if self.error:
-            d["error"] = self.error
-        return d
 
 
 @dataclass
