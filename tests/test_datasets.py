@@ -181,3 +181,17 @@ def test_cli_bad_dataset_is_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "no such directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_flickr8k_duplicate_caption_id(tmp_path):
+    make_images(tmp_path / "Flicker8k_Dataset", ["a.jpg"])
+    write_flickr8k(tmp_path, ["a.jpg#0\tA dog", "a.jpg#0\tA dog again"], {"train": ["a.jpg"]})
+    with pytest.raises(DataError, match=r"token.txt:2: caption id a.jpg#0 repeats line 1"):
+        read_flickr8k(tmp_path)
+
+
+def test_karpathy_image_without_sentences(tmp_path):
+    make_images(tmp_path, ["a.jpg"])
+    (tmp_path / "d.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": []}]}))
+    with pytest.raises(DataError, match=r"images\[0\]: no sentences for a.jpg"):
+        read_karpathy(tmp_path / "d.json", tmp_path)

@@ -132,6 +132,7 @@ def read_flickr8k(root: str | Path) -> Corpus:
 
     token_file = text_dir / "Flickr8k.token.txt"
     captions: dict[str, list[str]] = defaultdict(list)
+    seen: dict[str, int] = {}
     for lineno, line in enumerate(_read_text(token_file).splitlines(), 1):
         if not line.strip():
             continue
@@ -139,6 +140,9 @@ def read_flickr8k(root: str | Path) -> Corpus:
         name, hash_, _ = key.rpartition("#")
         if not sep or not hash_ or not name or not caption.strip():
             raise DataError(f"{token_file}:{lineno}: expected '<image>#<n><TAB><caption>', got {line[:60]!r}")
+        if key in seen:
+            raise DataError(f"{token_file}:{lineno}: caption id {key} repeats line {seen[key]}")
+        seen[key] = lineno
         captions[name].append(caption.strip())
     if not captions:
         raise DataError(f"{token_file}: no captions")
@@ -275,6 +279,8 @@ def read_karpathy(dataset_json: str | Path, image_root: str | Path) -> Corpus:
         split = {"restval": "train", "val": "dev"}.get(split, split)
         sentences = _field(img, "sentences", list, where)
         caps = [_field(s, "raw", str, f"{where}.sentences[{j}]").strip() for j, s in enumerate(sentences)]
+        if not any(caps):
+            raise DataError(f"{where}: no sentences for {filename}")
         name = f"{filepath}/{filename}" if filepath else filename
         if name in items:
             raise DataError(f"{where}: duplicate image {name}")

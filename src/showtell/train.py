@@ -410,9 +410,9 @@ class Trainer:
         c = self.config
         if c.scst_epochs and self.world > 1:  # before any work, on every rank
             raise ShowtellError("self-critical training runs in one process; drop --scst-epochs under torchrun")
+        self.prepare()  # reads and checks the data first: a bad dataset leaves no empty run folder behind
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.prepare()
         self.build()
         if self.main:
             atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
