@@ -12,8 +12,8 @@ import sys
 
 from PIL import Image
 
-from showtell.captioner import CaptionResult
 from showtell.report import render_gallery, write_gallery
+from showtell.result import CaptionResult
 
 
 def test_caption_cli_writes_a_self_contained_gallery(tiny_checkpoint, photos, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from showtell.captioner import CaptionResult
+from showtell.result import CaptionResult
 from showtell.server import create_app
 
 

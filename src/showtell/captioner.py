@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -12,8 +10,8 @@ import torch
 from showtell.checkpoint import Checkpoint, load_checkpoint
 from showtell.decoding import DecodingOptions, decode
 from showtell.errors import CheckpointError, ImageError, ShowtellError
-from showtell.images import ImageInput, describe, load_image
-from showtell.result import CaptionResult
+from showtell.images import ImageInput, load_image
+from showtell.result import BatchCaptioning
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "flickr8k"
@@ -32,7 +30,7 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
     return path
 
 
-class Captioner:
+class Captioner(BatchCaptioning):
     """A checkpoint with its encoder, ready to caption paths, PIL images or bytes."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None):
@@ -80,41 +78,14 @@ class Captioner:
                       end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
         return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in hyps]
 
-    def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
-                     batch_size: int = 16, num_return: int = 1, **decoding) -> Iterator[CaptionResult]:
-        """Caption images batch by batch, yielding results in input order as they are ready."""
-        options = DecodingOptions(beam_size=beam_size, max_length=max_length,
-                                  num_return=min(max(num_return, 1), beam_size), **decoding)
-        batch: list[ImageInput] = []
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for src in images:
-                batch.append(src)
-                if len(batch) == batch_size:
-                    yield from self._caption_batch(batch, options, pool)
-                    batch = []
-            if batch:
-                yield from self._caption_batch(batch, options, pool)
+    def _stack(self, arrays: list) -> torch.Tensor:
+        return torch.stack(arrays)
 
-    def _caption_batch(self, batch: Sequence[ImageInput], options: DecodingOptions,
-                       pool: ThreadPoolExecutor) -> list[CaptionResult]:
-        loaded = list(pool.map(self._load, batch))
-        results = [CaptionResult(describe(src)) for src in batch]
-        good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
-        for i, x in enumerate(loaded):
-            if isinstance(x, str):
-                results[i].error = x
-        if good:
-            feats = self.features(torch.stack([loaded[i] for i in good]))
-            for i, beams in zip(good, self.caption_features(feats, options)):
-                results[i].caption, results[i].score = beams[0]
-                results[i].alternatives = beams[1:]
-        return results
+    def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> DecodingOptions:
+        return DecodingOptions(beam_size=beam_size, max_length=max_length, num_return=num_return, **decoding)
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], **kwargs) -> list[CaptionResult]:
-        """Caption one image or a list of them; a bad image gets ``error`` set, the others are captioned."""
-        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        return list(self.iter_caption(images, **kwargs))
+    def _describe(self, images: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
+        return self.caption_features(self.features(images), options)
 
 
 def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu") -> Captioner:

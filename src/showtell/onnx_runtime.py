@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from showtell.errors import ImageError, ShowtellError
-from showtell.images import ImageInput, describe, load_image
-from showtell.result import CaptionResult
+from showtell.images import ImageInput, load_image
+from showtell.result import BatchCaptioning
 from showtell.vocab import Vocabulary
 
 CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module imports torch)
@@ -162,7 +161,7 @@ def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray,
 # ---------------------------------------------------------------------------------------------- captioner
 
 
-class OnnxCaptioner:
+class OnnxCaptioner(BatchCaptioning):
     """An export folder ready to caption paths, PIL images or bytes, with the API of ``showtell.Captioner``."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
@@ -236,40 +235,14 @@ class OnnxCaptioner:
         except ImageError as e:
             return str(e)
 
-    def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
-                     batch_size: int = 16, num_return: int = 1, **decoding) -> Iterator[CaptionResult]:
-        """Caption images batch by batch, yielding results in input order; a bad image gets ``error`` set."""
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            batch: list[ImageInput] = []
-            for src in images:
-                batch.append(src)
-                if len(batch) == batch_size:
-                    yield from self._caption_batch(batch, pool, beam_size, max_length, num_return, decoding)
-                    batch = []
-            if batch:
-                yield from self._caption_batch(batch, pool, beam_size, max_length, num_return, decoding)
+    def _stack(self, arrays: list) -> np.ndarray:
+        return np.stack(arrays)
 
-    def _caption_batch(self, batch: Sequence[ImageInput], pool: ThreadPoolExecutor, beam_size: int, max_length: int,
-                       num_return: int, decoding: dict) -> list[CaptionResult]:
-        loaded = list(pool.map(self._load, batch))
-        results = [CaptionResult(describe(src)) for src in batch]
-        good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
-        for i, x in enumerate(loaded):
-            if isinstance(x, str):
-                results[i].error = x
-        if good:
-            feats = self.features(np.stack([loaded[i] for i in good]))
-            beams = self.caption_features(feats, beam_size, max_length, min(num_return, beam_size), **decoding)
-            for i, per_image in zip(good, beams, strict=True):
-                results[i].caption, results[i].score = per_image[0]
-                results[i].alternatives = per_image[1:]
-        return results
+    def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> dict:
+        return {"beam_size": beam_size, "max_length": max_length, "num_return": num_return, **decoding}
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], **kwargs) -> list[CaptionResult]:
-        """Caption one image or a list of them."""
-        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        return list(self.iter_caption(images, **kwargs))
+    def _describe(self, images: np.ndarray, options: dict) -> list[list[tuple[str, float]]]:
+        return self.caption_features(self.features(images), **options)
 
 
 def load_onnx(folder: str | os.PathLike | None, threads: int | None = None) -> OnnxCaptioner:
