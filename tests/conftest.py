@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -60,3 +61,46 @@ def photos(tmp_path_factory) -> Path:
 def feature_cache(tmp_path_factory) -> Path:
     """One feature cache folder for every test that trains, so each image set is extracted once."""
     return tmp_path_factory.mktemp("features")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: Path, *args: str, timeout: float = 90):
+    """`showtell serve` on 127.0.0.1 in a subprocess, once it answers /healthz: yields (url, process).
+    On exit the server is stopped and its output kept in ``process.output``."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "showtell", "serve", "--model", str(checkpoint),
+                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not answer /healthz within {timeout:g} s"
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.output = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.output = proc.communicate()[0]

@@ -11,14 +11,12 @@ import asyncio
 import io
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_process
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +32,6 @@ GOOD_SHARE = 0.5
 MAX_UPLOAD_MB = 1
 RUN_LIMIT_S = 240        # the whole run must end by itself well within this
 RSS_GROWTH_LIMIT = 0.10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -81,30 +73,8 @@ def payloads(photos: Path) -> tuple[list[tuple[str, bytes, str]], list[tuple[str
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "showtell", "serve", "--model", str(tiny_checkpoint),
-                             "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /healthz within 90 s"
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+    with serve_process(tiny_checkpoint, "--max-upload-mb", str(MAX_UPLOAD_MB)) as running:
+        yield running
 
 
 async def run_load(url: str, plan: list[tuple], pid: int) -> tuple[list[dict], dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import serve_process
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -211,37 +211,14 @@ def test_full_queue_gives_503_and_slow_work_gives_504():
         assert c.post("/v1/caption", files=image).json()["caption"] == "a cat"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_showtell_serve_answers_on_localhost(tiny_checkpoint, photos):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "showtell", "serve", "--model", str(tiny_checkpoint),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /healthz within 60 s"
-            time.sleep(0.2)
+    with serve_process(tiny_checkpoint, timeout=60) as (url, proc):
         buf = io.BytesIO()
         Image.open(photos / "coffee.jpg").save(buf, "PNG")
         r = httpx.post(url + "/v1/caption", files={"file": ("coffee.png", buf.getvalue(), "image/png")}, timeout=30)
         assert r.status_code == 200 and r.json()["caption"]
         assert "<title>showtell</title>" in httpx.get(url + "/").text
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=20)[0]
-    assert f"http://127.0.0.1:{port}/" in out
+    assert f"{url}/" in proc.output
 
 
 def test_serve_with_a_missing_model_is_one_clear_line(tmp_path):

@@ -168,7 +168,6 @@ class Trainer:
             self.say(f"showtell: warning: {corpus.skipped_message()}")
         self.records = _split_records(corpus, c.limit)
         self.info = encoder_info(c.encoder)
-        t0 = time.time()
         caches = {}
         for split, flip in (("train", c.flip), ("dev", False)):
             if c.end_to_end:  # images go through the (possibly changing) encoder every time: no cache
@@ -180,7 +179,6 @@ class Trainer:
                                              num_workers=c.num_workers)
             if self.world > 1 and self.rank == 0:
                 torch.distributed.barrier()
-        self.feature_seconds = time.time() - t0
         for split, cache in caches.items():
             if cache.failed:
                 self.say(f"showtell: warning: {len(cache.failed)} {split} image(s) could not be read and are left "
