@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from showtell.data import LengthBucketSampler
@@ -64,7 +65,7 @@ def _train(out, flickr8k, feature_cache, batch_size, nproc=1):
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_global_batch(flickr8k, feature_cache, tmp_path):
     single = _train(tmp_path / "single", flickr8k, feature_cache, 2 * BATCH)
-    ddp = _train(tmp_path / "ddp", flickr8k, feature_cache, BATCH, nproc=2)
+    ddp = _train(tmp_path / "ddp", flickr8k, tmp_path / "cache", BATCH, nproc=2)  # extracts its features itself
 
     assert [r["epoch"] for r in ddp] == [r["epoch"] for r in single] == ["1", "2"]
     # The same global batches, gradients weighted by tokens: the loss curves agree to well within 2% (measured:
@@ -80,3 +81,10 @@ def test_two_processes_train_like_one_with_the_global_batch(flickr8k, feature_ca
     # Only rank 0 writes: the DDP run folder holds the same files as the one-process run.
     files = {run: sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("single", "ddp")}
     assert files["ddp"] == files["single"]
+    # The two ranks extracted a share each; rank 0 joined them into the caches one process builds (train, dev) and
+    # removed the shares. The joined features equal those the one-process run read.
+    joined = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert sorted(p.name for p in feature_cache.iterdir() if p.name in joined) == joined and len(joined) == 2
+    for name in joined:
+        a, b = (np.load(root / name / "features.npy") for root in (tmp_path / "cache", feature_cache))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)

@@ -87,3 +87,22 @@ def test_unreadable_images_are_recorded_not_fatal(images, tmp_path):
     bad.write_bytes(b"nope")
     cache = extract_features([images[0], bad], "efficientnet_lite0", tmp_path / "c", quiet=True)
     assert list(cache.failed) == [str(bad.resolve())] and "bad.jpg" in cache.failed[str(bad.resolve())]
+
+
+def test_shares_extracted_apart_join_into_the_whole_cache_without_reextracting(images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    files = [*images, bad]
+    shares = [extract_features(files[r::2], "efficientnet_lite0", tmp_path / "c", quiet=True) for r in range(2)]
+    joiner = CountingEncoder()
+    joined = extract_features(files, "efficientnet_lite0", tmp_path / "c", encoder=joiner, reuse=shares, quiet=True)
+    assert joiner.seen == 0 and joined.manifest["complete"]
+    assert list(joined.failed) == [str(bad.resolve())]
+    whole = extract_features(files, "efficientnet_lite0", tmp_path / "direct", quiet=True)
+    assert joined.path.name == whole.path.name  # the same cache one process would have built
+    np.testing.assert_array_equal(joined.features, whole.features)
+    # a share of another encoder or view set is never copied from
+    flipped = extract_features(files[:2], "efficientnet_lite0", tmp_path / "f", flip=True, quiet=True)
+    counting = CountingEncoder()
+    extract_features(files[:2], "efficientnet_lite0", tmp_path / "g", encoder=counting, reuse=[flipped], quiet=True)
+    assert counting.seen == 2

@@ -134,39 +134,85 @@ def _save_done(path: Path, done: np.ndarray) -> None:
         np.save(f, done)
 
 
+def _copy_rows(path: Path, manifest: dict, images: list[Path], done: np.ndarray, sources: list[FeatureCache]) -> None:
+    """Fill the unfinished rows of the cache at ``path`` that a source cache holds (same encoder, preprocessing,
+    flip), and record them done."""
+    out = np.load(path / "features.npy", mmap_mode="r+")
+    failed = dict(manifest.get("failed", {}))
+    wanted = set(manifest["images"])
+    for source in sources:
+        same = all(source.manifest.get(k) == manifest[k] for k in ("encoder", "preprocess", "flip", "dim"))
+        if not same:
+            continue
+        pairs = [(i, source.rows[str(p)]) for i, p in enumerate(images) if not done[i] and str(p) in source.rows]
+        if pairs:
+            rows, src_rows = map(list, zip(*pairs))
+            out[rows] = source.features[src_rows]
+            done[rows] = True
+        failed.update({p: err for p, err in source.failed.items() if p in wanted})
+    out.flush()
+    del out
+    manifest["failed"] = failed
+    atomic_write_text(path / "manifest.json", json.dumps(manifest))
+    _save_done(path, done)
+
+
 def _open(path: Path, manifest: dict) -> FeatureCache:
     features = np.load(path / "features.npy", mmap_mode="r")
     rows = {img: i for i, img in enumerate(manifest["images"])}
     return FeatureCache(path, manifest, features, rows)
 
 
-def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
-                     flip: bool = False, batch_size: int = 32, num_workers: int = 1, device: str = "cpu",
-                     quiet: bool = False, encoder=None) -> FeatureCache:
-    """Features of ``images`` from a complete cache, extracting what is missing first.
-
-    ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed.
-    """
+def _locate(images: list[Path], encoder_name: str, cache_dir, flip: bool) -> tuple[Path, str, dict, dict | None]:
+    """The cache folder of these images, its fingerprint, the encoder's info, and the folder's usable manifest
+    (None when missing, unreadable or built another way)."""
     from showtell.encoders import encoder_info
 
-    images = [Path(p).resolve() for p in images]
-    if len(set(images)) != len(images):
-        raise ShowtellError("feature extraction got the same image twice")
     info = encoder_info(encoder_name)
     key = _fingerprint(encoder_name, info["preprocess"], flip, images)
     path = Path(cache_dir or default_cache_dir()) / f"{encoder_name}{'-flip' if flip else ''}-{key[:16]}"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("fingerprint") != key:
+        manifest = None
+    return path, key, info, manifest
+
+
+def _resolve(images: list[str | os.PathLike]) -> list[Path]:
+    images = [Path(p).resolve() for p in images]
+    if len(set(images)) != len(images):
+        raise ShowtellError("feature extraction got the same image twice")
+    return images
+
+
+def find_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
+                  flip: bool = False) -> FeatureCache | None:
+    """The complete, intact cache of exactly these images, or None; extracts nothing."""
+    path, _, _, manifest = _locate(_resolve(images), encoder_name, cache_dir, flip)
+    return _open(path, manifest) if _intact(path, manifest) else None
+
+
+def _intact(path: Path, manifest: dict | None) -> bool:
+    return bool(manifest and manifest.get("complete") and manifest.get("sha256") == _sha256_file(path / "features.npy"))
+
+
+def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
+                     flip: bool = False, batch_size: int = 32, num_workers: int = 1, device: str = "cpu",
+                     quiet: bool = False, encoder=None, reuse: list[FeatureCache] = ()) -> FeatureCache:
+    """Features of ``images`` from a complete cache, extracting what is missing first.
+
+    ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed. Rows found in a
+    ``reuse`` cache (complete, same encoder, preprocessing and flip; e.g. the shares of data-parallel ranks) are
+    copied from it instead of extracted.
+    """
+    images = _resolve(images)
+    path, key, info, manifest = _locate(images, encoder_name, cache_dir, flip)
+    if _intact(path, manifest):
+        return _open(path, manifest)
     manifest_path = path / "manifest.json"
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = None
-        if manifest is not None and (manifest.get("format") != FORMAT or manifest.get("fingerprint") != key):
-            manifest = None
     if manifest is not None and manifest.get("complete"):
-        if manifest.get("sha256") == _sha256_file(path / "features.npy"):
-            return _open(path, manifest)
         manifest = None  # corrupted on disk: rebuild
     n_views = 2 if flip else 1
     if manifest is None:
@@ -182,6 +228,8 @@ def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_d
         atomic_write_text(manifest_path, json.dumps(manifest))
 
     done = np.load(path / "done.npy")
+    if reuse and not done.all():
+        _copy_rows(path, manifest, images, done, reuse)
     todo = [int(i) for i in np.flatnonzero(~done)]
     if todo:
         if encoder is None:

@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -26,7 +27,7 @@ from showtell.decoding import DecodingOptions
 from showtell.encoders import encoder_info
 from showtell.errors import ShowtellError
 from showtell.evaluate import generate, score_records
-from showtell.features import extract_features, iter_features
+from showtell.features import FeatureCache, extract_features, find_features, iter_features
 from showtell.fileio import atomic_write_text
 from showtell.model import CaptionModel, ModelConfig
 from showtell.vocab import Vocabulary
@@ -41,7 +42,7 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         # CPU tensors (loss sums, token counts, the run state) go through gloo also where NCCL carries the gradients;
-        # each process takes the GPU of its LOCAL_RANK; the long timeout covers rank 0 extracting features.
+        # each process takes the GPU of its LOCAL_RANK; the long timeout covers feature extraction.
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -172,13 +173,7 @@ class Trainer:
         for split, flip in (("train", c.flip), ("dev", False)):
             if c.end_to_end:  # images go through the (possibly changing) encoder every time: no cache
                 continue
-            if self.world > 1 and self.rank != 0:
-                torch.distributed.barrier()  # rank 0 extracts, the others then read its complete cache
-            caches[split] = extract_features([r.image for r in self.records[split]], c.encoder, c.cache_dir,
-                                             flip=flip, quiet=self.quiet or not self.main, device=str(self.device),
-                                             num_workers=c.num_workers)
-            if self.world > 1 and self.rank == 0:
-                torch.distributed.barrier()
+            caches[split] = self._features([r.image for r in self.records[split]], flip)
         for split, cache in caches.items():
             if cache.failed:
                 self.say(f"showtell: warning: {len(cache.failed)} {split} image(s) could not be read and are left "
@@ -187,6 +182,28 @@ class Trainer:
         self.caches = caches
         self.dev_features = self._cache_tensor("dev")[:, 0] if "dev" in caches else None
         self.train_features = self._cache_tensor("train") if "train" in caches else None
+
+    def _features(self, images: list[Path], flip: bool) -> FeatureCache:
+        """The feature cache of ``images``, extracted first when missing. Under torchrun each rank extracts every
+        world-th image into a cache of its own (resumable like any cache), then rank 0 joins the shares into the
+        one cache that a single process would have built; this needs the cache folder on a shared file system."""
+        c = self.config
+        kwargs = dict(encoder_name=c.encoder, cache_dir=c.cache_dir, flip=flip, device=str(self.device),
+                      num_workers=c.num_workers)
+        if self.world == 1:
+            return extract_features(images, quiet=self.quiet, **kwargs)
+        cache = find_features(images, c.encoder, c.cache_dir, flip)
+        if cache is None:
+            self.say(f"extracting features on {self.world} processes")
+            extract_features(images[self.rank::self.world], quiet=self.quiet or not self.main, **kwargs)
+            torch.distributed.barrier()
+            if self.main:
+                shares = [extract_features(images[r::self.world], quiet=True, **kwargs) for r in range(self.world)]
+                cache = extract_features(images, quiet=True, reuse=shares, **kwargs)
+                for share in shares:
+                    shutil.rmtree(share.path, ignore_errors=True)
+            torch.distributed.barrier()
+        return cache or extract_features(images, quiet=True, **kwargs)
 
     def _cache_tensor(self, split: str) -> torch.Tensor:
         cache = self.caches[split]
