@@ -105,3 +105,37 @@ def test_caption_cli_bad_model_is_one_line(tmp_path, photos):
     (tmp_path / "x.safetensors").write_bytes(b"junk")
     out = showtell_cli("caption", photos / "coffee.jpg", "--model", tmp_path / "x.safetensors")
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_ensemble_cli_folds_checkpoints_into_one_that_captions(tiny_checkpoint, photos, tmp_path):
+    import torch
+
+    from showtell.checkpoint import save_checkpoint
+    from showtell.model import Ensemble
+    from showtell.vocab import Vocabulary
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in ckpt.model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta={"training": {"seed": 3}})
+    out = tmp_path / "ens.safetensors"
+    run = showtell_cli("ensemble", tiny_checkpoint, other, "--out", out, "--half")
+    assert run.returncode == 0, run.stderr
+    assert "an ensemble of 2 models" in run.stdout
+    folded = load_checkpoint(out)
+    assert isinstance(folded.model, Ensemble) and folded.meta["name"] == "ens"
+    assert [m["file"] for m in folded.meta["members"]] == ["tiny.safetensors", "other.safetensors"]
+    captions = showtell_cli("caption", photos, "--model", out, "--beam-size", "3")
+    assert captions.returncode == 0 and len(captions.stdout.splitlines()) == 4, captions.stderr
+    # members of other data (vocabulary) cannot be folded: one line, no file
+    wrong = tmp_path / "wrong.safetensors"
+    vocab = Vocabulary.build(["a b c d e f g h i j k l m n"], min_count=1)
+    model = ckpt.model.__class__(ckpt.model.config.__class__(**{**ckpt.model.config.to_dict(),
+                                                                 "vocab_size": len(vocab)}))
+    save_checkpoint(wrong, model, vocab, ckpt.encoder, ckpt.preprocess)
+    bad = showtell_cli("ensemble", tiny_checkpoint, wrong, "--out", tmp_path / "no.safetensors")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "vocabulary" in bad.stderr
+    assert not (tmp_path / "no.safetensors").exists()

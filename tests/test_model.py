@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from showtell.errors import ShowtellError
-from showtell.model import CaptionModel, ModelConfig
+from showtell.model import CaptionModel, Ensemble, ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -146,3 +146,45 @@ def test_batch_norm_model_trains_on_a_batch_of_one() -> None:
     loss = model.loss(torch.randn(1, 8), torch.tensor([[1, 5, 6, 2]]))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------- ensemble
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_ensemble_step_is_the_mean_of_its_members_distributions(layers):
+    members = [make_model(seed, num_layers=layers) for seed in (1, 2, 3)]
+    ensemble = Ensemble.of(members).eval()
+    feats, tokens = torch.randn(5, 12), torch.tensor([1, 4, 5, 6, 7])
+    with torch.no_grad():
+        state = ensemble.init_state(feats)
+        assert state[0].shape == (3 * layers, 5, 24)
+        logprobs, state = ensemble.step(tokens, state)
+        expected = []
+        for m in members:
+            logits, _ = m.step(tokens, m.init_state(feats))
+            expected.append(F.softmax(logits, dim=-1))
+    torch.testing.assert_close(logprobs.exp(), torch.stack(expected).mean(0))
+    # one member's state, split back out of the stack, is that member's own
+    with torch.no_grad():
+        own = members[1].step(tokens, members[1].init_state(feats))[1]
+    torch.testing.assert_close(state[0][layers:2 * layers], own[0])
+
+
+def test_ensemble_of_identical_models_decodes_like_one():
+    from showtell.decoding import DecodingOptions, decode
+
+    model = make_model(4)
+    feats = torch.randn(6, 12)
+    with torch.no_grad():
+        for beam in (1, 3):
+            one = decode(model, feats, DecodingOptions(beam_size=beam, max_length=8))
+            two = decode(Ensemble.of([model, model]).eval(), feats, DecodingOptions(beam_size=beam, max_length=8))
+            assert [h[0].tokens for h in one] == [h[0].tokens for h in two]
+
+
+def test_ensemble_members_must_share_a_config():
+    with pytest.raises(ShowtellError, match="one model config"):
+        Ensemble.of([make_model(0), make_model(0, hidden_dim=32)])
+    with pytest.raises(ShowtellError, match="at least 2"):
+        Ensemble(make_model(0).config, 1)

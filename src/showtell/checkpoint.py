@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from showtell.errors import CheckpointError, ShowtellError
 from showtell.fileio import atomic_path
-from showtell.model import CaptionModel, ModelConfig
+from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.vocab import Vocabulary
 
 FORMAT = "showtell-checkpoint"
@@ -30,7 +30,7 @@ EXTRA_PREFIXES = ("optimizer/", "encoder/")
 
 @dataclass
 class Checkpoint:
-    model: CaptionModel
+    model: CaptionModel | Ensemble
     vocab: Vocabulary
     encoder: str
     preprocess: dict
@@ -42,8 +42,8 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in self.extra_tensors.items() if k.startswith(prefix)}
 
 
-def save_checkpoint(path: str | os.PathLike, model: CaptionModel, vocab: Vocabulary, encoder: str, preprocess: dict,
-                    meta: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+def save_checkpoint(path: str | os.PathLike, model: CaptionModel | Ensemble, vocab: Vocabulary, encoder: str,
+                    preprocess: dict, meta: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
                     half: bool = False) -> None:
     """Write the checkpoint atomically (temp file + rename). ``half`` stores float weights as fp16."""
     if len(vocab) != model.config.vocab_size:
@@ -57,6 +57,7 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionModel, vocab: Vocabul
             raise ValueError(f"extra tensor {k!r} must start with one of {EXTRA_PREFIXES}")
         tensors[k] = v.detach().cpu().contiguous()
     header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict(),
+              **({"ensemble": len(model.members)} if isinstance(model, Ensemble) else {}),
               "vocab": vocab.to_dict(), "encoder": encoder, "preprocess": preprocess, **(meta or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"showtell": json.dumps(header)})
@@ -120,16 +121,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
     try:
         vocab = Vocabulary.from_dict(meta.pop("vocab"))
         config = ModelConfig.from_dict(meta.pop("model"))
+        members = meta.pop("ensemble", None)
+        model = CaptionModel(config) if members is None else Ensemble(config, members)
         encoder, preprocess = meta.pop("encoder"), meta.pop("preprocess")
     except (KeyError, TypeError, ShowtellError) as e:
-        raise CheckpointError(f"{path}: incomplete checkpoint metadata ({e})") from None
+        raise CheckpointError(f"{path}: incomplete or invalid checkpoint metadata ({e})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens but the model config says "
                               f"{config.vocab_size}")
     extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
     weights = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
                if not k.startswith(EXTRA_PREFIXES)}
-    model = CaptionModel(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
@@ -137,3 +139,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
         raise CheckpointError(f"{path}: weights do not match the stored model config ({detail[:200]})") from None
     model.eval()
     return Checkpoint(model, vocab, encoder, preprocess, meta, extra)
+
+
+def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, meta: dict | None = None,
+                     half: bool = False) -> Checkpoint:
+    """Fold trained checkpoints (one model config, vocabulary and encoder) into one ensemble checkpoint at ``out``.
+    Its metadata is the first member's, updated by ``meta``, with each member's file name and training record."""
+    ckpts = [load_checkpoint(p) for p in paths]
+    if len(ckpts) < 2:
+        raise ShowtellError("an ensemble needs at least 2 checkpoints")
+    first = ckpts[0]
+    for path, c in zip(paths[1:], ckpts[1:]):
+        if c.vocab.to_dict() != first.vocab.to_dict() or (c.encoder, c.preprocess) != (first.encoder, first.preprocess):
+            raise ShowtellError(f"{path}: another vocabulary or encoder than {paths[0]}; ensemble members must be "
+                                "trained on the same data with the same encoder")
+    members = [m for c in ckpts for m in (c.model.members if isinstance(c.model, Ensemble) else [c.model])]
+    model = Ensemble.of(members)
+    info = {k: v for k, v in first.meta.items() if k not in ("train_state", "config")}
+    info["members"] = [{"file": Path(p).name, **{k: c.meta[k] for k in ("training", "config") if k in c.meta}}
+                       for p, c in zip(paths, ckpts)]
+    save_checkpoint(out, model, first.vocab, first.encoder, first.preprocess, meta={**info, **(meta or {})},
+                    half=half)
+    return load_checkpoint(out)

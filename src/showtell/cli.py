@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from showtell import __version__
 from showtell.errors import ShowtellError
@@ -250,6 +251,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from showtell.checkpoint import fold_checkpoints
+
+    ckpt = fold_checkpoints(args.models, args.out, meta={"name": args.name or Path(args.out).stem}, half=args.half)
+    print(f"wrote {args.out}: an ensemble of {len(ckpt.model.members)} models")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="showtell", description="Show-and-Tell image captioning: caption, train, evaluate, serve.")
@@ -327,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     exp.add_argument("--quiet", action="store_true")
     exp.set_defaults(func=cmd_export)
+
+    ens = sub.add_parser("ensemble", help="fold checkpoints trained apart into one ensemble checkpoint")
+    ens.add_argument("models", nargs="+", help="checkpoint files (same data, vocabulary and encoder)")
+    ens.add_argument("--out", required=True, help="ensemble checkpoint to write")
+    ens.add_argument("--name", help="model name (default: the file name)")
+    ens.add_argument("--half", action="store_true", help="store the weights as fp16 (half the size)")
+    ens.set_defaults(func=cmd_ensemble)
     return parser
 
 

@@ -122,7 +122,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
         h, c = init(feats)
     parity["decoder_init"] = _max_diff(paths["decoder_init"], {"features": feats.numpy()}, [h, c])
 
-    hidden = (config.num_layers, 2, config.hidden_dim)
+    hidden = (h.shape[0], 2, h.shape[2])  # [layers (all members' for an ensemble), batch, hidden]
     example = (torch.tensor([vocab.start_id, 5 % config.vocab_size]), torch.randn(*hidden, generator=gen),
                torch.randn(*hidden, generator=gen))
     _export(step, example, paths["decoder_step"], ["tokens", "h_in", "c_in"], ["logprobs", "h", "c"],

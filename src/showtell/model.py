@@ -11,7 +11,8 @@ decoding starts from the same deterministic state the model was trained with.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +118,45 @@ class CaptionModel(nn.Module):
         """Read one token per sequence: tokens [B] -> logits [B, vocab] for the next token, and the new state."""
         out, state = self.lstm(self.drop(self.embed(tokens)).unsqueeze(1), state)
         return self.head(self.drop(out[:, 0])), state
+
+
+class Ensemble(nn.Module):
+    """Several CaptionModels of one config, trained apart, that decode as one model: each next-word distribution
+    is the mean of the members' distributions. The members' LSTM states are stacked along the layer axis, so the
+    state has one model's shape with ``members * num_layers`` layers and decoders, batching and ONNX export handle
+    it unchanged."""
+
+    def __init__(self, config: ModelConfig, members: int):
+        super().__init__()
+        if isinstance(members, bool) or not isinstance(members, int) or members < 2:
+            raise ShowtellError(f"an ensemble needs at least 2 members, got {members!r}")
+        self.config = config
+        self.members = nn.ModuleList(CaptionModel(config) for _ in range(members))
+
+    @classmethod
+    def of(cls, models: list[CaptionModel]) -> Ensemble:
+        """Fold trained models (one config) into one ensemble."""
+        configs = {replace(m.config, dropout=0.0) for m in models}  # dropout does not change a trained model
+        if len(configs) != 1:
+            raise ShowtellError("ensemble members must share one model config (sizes, vocabulary, encoder features)")
+        ensemble = cls(models[0].config, len(models))
+        for target, source in zip(ensemble.members, models):
+            target.load_state_dict(source.state_dict())
+        return ensemble
+
+    def init_state(self, features: Tensor) -> State:
+        states = [m.init_state(features) for m in self.members]
+        return torch.cat([h for h, _ in states]), torch.cat([c for _, c in states])
+
+    def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """Log of the members' mean next-word probability [B, vocab] (normalised log-probabilities are valid
+        logits), and the new stacked state."""
+        layers = self.config.num_layers
+        logprobs, hs, cs = [], [], []
+        for member, h, c in zip(self.members, state[0].split(layers), state[1].split(layers)):
+            logits, (h, c) = member.step(tokens, (h, c))
+            logprobs.append(F.log_softmax(logits.float(), dim=-1))
+            hs.append(h)
+            cs.append(c)
+        mean = torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(self.members))
+        return mean, (torch.cat(hs), torch.cat(cs))
