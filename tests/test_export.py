@@ -39,46 +39,32 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+def _sharp(checkpoint: Path, seed: int) -> CaptionModel:
+    """The checkpoint's model with larger random weights: captions that differ per photo, some short, some empty."""
+    model = load_checkpoint(checkpoint).model
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 3.0 / p.shape[-1] ** 0.5)
+    return model
+
+
 @pytest.fixture(scope="module")
-def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint with larger random weights: captions that differ per photo, some short, some empty."""
+def random_models(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Checkpoints with larger random weights and their ONNX exports: "sharp", one model, and "ensemble", two such
+    models folded into one."""
     ckpt = load_checkpoint(tiny_checkpoint)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in ckpt.model.parameters():
-            p.copy_(torch.randn_like(p) * 3.0 / p.shape[-1] ** 0.5)
-    path = tmp_path_factory.mktemp("ckpt") / "sharp.safetensors"
-    save_checkpoint(path, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta={"name": "sharp"})
-    return path
-
-
-@pytest.fixture(scope="module")
-def sharp_export(sharp_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "sharp"
-    export_onnx(sharp_checkpoint, out, quiet=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ensemble_checkpoint(sharp_checkpoint, tmp_path_factory) -> Path:
-    """The sharp model and a second one with other random weights, folded into one ensemble checkpoint."""
-    ckpt, other = load_checkpoint(sharp_checkpoint), load_checkpoint(sharp_checkpoint)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in other.model.parameters():
-            p.copy_(torch.randn_like(p) * 3.0 / p.shape[-1] ** 0.5)
-    path = tmp_path_factory.mktemp("ckpt") / "ensemble.safetensors"
-    save_checkpoint(path, Ensemble.of([ckpt.model, other.model]), ckpt.vocab, ckpt.encoder, ckpt.preprocess,
-                    meta={"name": "ensemble"})
-    assert isinstance(load_checkpoint(path).model, Ensemble)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ensemble_export(ensemble_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "ensemble"
-    export_onnx(ensemble_checkpoint, out, quiet=True)
-    return out
+    models = {"sharp": _sharp(tiny_checkpoint, 1),
+              "ensemble": Ensemble.of([_sharp(tiny_checkpoint, 1), _sharp(tiny_checkpoint, 2)])}
+    made = {}
+    for name, model in models.items():
+        path = tmp_path_factory.mktemp("ckpt") / f"{name}.safetensors"
+        save_checkpoint(path, model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta={"name": name})
+        assert type(load_checkpoint(path).model) is type(model)
+        folder = tmp_path_factory.mktemp("onnx") / name
+        export_onnx(path, folder, quiet=True)
+        made[name] = (path, folder)
+    return made
 
 
 def test_export_folder_has_checked_graphs_and_a_complete_config(tiny_export, tiny_checkpoint):
@@ -179,8 +165,10 @@ def test_numpy_beam_search_breaks_ties_to_the_lower_token_id():
 @pytest.mark.parametrize("which", ["tiny", "sharp", "ensemble"])
 @pytest.mark.parametrize("beam", [1, 3])
 def test_onnx_captions_equal_torch_captions(which, beam, request, photos):
-    checkpoint = request.getfixturevalue(f"{which}_checkpoint")
-    folder = request.getfixturevalue(f"{which}_export")
+    if which == "tiny":
+        checkpoint, folder = request.getfixturevalue("tiny_checkpoint"), request.getfixturevalue("tiny_export")
+    else:
+        checkpoint, folder = request.getfixturevalue("random_models")[which]
     images = sorted(photos.iterdir())
     expected = showtell.load(checkpoint).caption(images, beam_size=beam, num_return=beam)
     got = load_onnx(folder).caption(images, beam_size=beam, num_return=beam)
