@@ -188,3 +188,15 @@ def test_ensemble_members_must_share_a_config():
         Ensemble.of([make_model(0), make_model(0, hidden_dim=32)])
     with pytest.raises(ShowtellError, match="at least 2"):
         Ensemble(make_model(0).config, 1)
+
+
+def test_image_dropout_drops_only_the_image_input():
+    """image_dropout acts on the projected image alone: with word/output dropout off, a training-mode model
+    gives the eval-mode outputs only when the image dropout is off too."""
+    feats, captions = torch.randn(4, 12), make_captions([3, 4, 5, 6])
+    for image_dropout, same in ((0.0, True), (0.5, False)):
+        model = make_model(5, image_dropout=image_dropout)
+        with torch.no_grad():
+            expected = model.eval()(feats, captions)
+            got = model.train()(feats, captions)
+        assert torch.allclose(got, expected) == same

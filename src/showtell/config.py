@@ -32,7 +32,8 @@ class TrainConfig:
     embed_dim: int = 256
     hidden_dim: int = 512
     num_layers: int = 1
-    dropout: float = 0.5
+    dropout: float = 0.5              # on the word embeddings and the LSTM output
+    image_dropout: float = 0.5        # on the projected image feature (the LSTM's first input)
     batch_norm: bool = False
     # optimisation
     epochs: int = 30

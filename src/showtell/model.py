@@ -32,7 +32,8 @@ class ModelConfig:
     embed_dim: int = 256
     hidden_dim: int = 512
     num_layers: int = 1
-    dropout: float = 0.5  # on the LSTM inputs (image projection, word embeddings), its output and between layers
+    dropout: float = 0.5  # on the word embeddings, the LSTM output and between layers
+    image_dropout: float = 0.5  # on the projected image, the LSTM's first input
     batch_norm: bool = False  # BatchNorm1d after the image projection (yunjey's pytorch-tutorial layout)
 
     def __post_init__(self) -> None:
@@ -43,8 +44,10 @@ class ModelConfig:
         if self.vocab_size < 4:
             raise ShowtellError(f"model config: vocab_size must be at least 4 (<pad> <start> <end> <unk>), "
                                 f"got {self.vocab_size}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ShowtellError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "image_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ShowtellError(f"model config: {name} must be in [0, 1), got {value!r}")
         if not isinstance(self.batch_norm, bool):
             raise ShowtellError(f"model config: batch_norm must be true or false, got {self.batch_norm!r}")
 
@@ -74,6 +77,7 @@ class CaptionModel(nn.Module):
         self.image_norm = nn.BatchNorm1d(c.embed_dim) if c.batch_norm else None
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.drop = nn.Dropout(c.dropout)
+        self.image_drop = nn.Dropout(c.image_dropout)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.head = nn.Linear(c.hidden_dim, c.vocab_size)
@@ -87,7 +91,7 @@ class CaptionModel(nn.Module):
             x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
         elif norm is not None:
             x = norm(x)
-        return self.drop(x).unsqueeze(1)
+        return self.image_drop(x).unsqueeze(1)
 
     def _hidden(self, features: Tensor, captions: Tensor) -> Tensor:
         """LSTM outputs [B, T-1, hidden]: position t has read the image and captions[:, :t+1]."""
@@ -136,7 +140,8 @@ class Ensemble(nn.Module):
     @classmethod
     def of(cls, models: list[CaptionModel]) -> Ensemble:
         """Fold trained models (one config) into one ensemble."""
-        configs = {replace(m.config, dropout=0.0) for m in models}  # dropout does not change a trained model
+        # dropout does not change a trained model
+        configs = {replace(m.config, dropout=0.0, image_dropout=0.0) for m in models}
         if len(configs) != 1:
             raise ShowtellError("ensemble members must share one model config (sizes, vocabulary, encoder features)")
         ensemble = cls(models[0].config, len(models))

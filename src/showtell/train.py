@@ -236,7 +236,7 @@ class Trainer:
             self.vocab = Vocabulary.build(captions, min_count=c.min_count)
             mc = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.info["feature_dim"], embed_dim=c.embed_dim,
                              hidden_dim=c.hidden_dim, num_layers=c.num_layers, dropout=c.dropout,
-                             batch_norm=c.batch_norm)
+                             image_dropout=c.image_dropout, batch_norm=c.batch_norm)
             torch.manual_seed(c.seed)
             self.model = CaptionModel(mc)
             self.state = {"stage": "xe", "epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0,
