@@ -195,3 +195,19 @@ def test_karpathy_image_without_sentences(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": []}]}))
     with pytest.raises(DataError, match=r"images\[0\]: no sentences for a.jpg"):
         read_karpathy(tmp_path / "d.json", tmp_path)
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t", ";"])
+def test_csv_quotes_inside_captions_as_csv_writers_write_them(tmp_path, delimiter):
+    import csv
+
+    make_images(tmp_path / "Images", ["a.jpg", "b.jpg"])
+    rows = [("a.jpg", 'Adults with " X " on their hands , smiling .', "train"),
+            ("a.jpg", f'a "quoted{delimiter} word"', "train"), ("b.jpg", "A dog", "dev")]
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["image", "caption", "split"])
+        writer.writerows(rows)
+    corpus = read_csv(tmp_path / "captions.csv", tmp_path / "Images")
+    assert sorted((r.image.name, r.captions, r.split) for r in corpus.records) == [
+        ("a.jpg", (rows[0][1], rows[1][1]), "train"), ("b.jpg", ("A dog",), "dev")]

@@ -175,10 +175,12 @@ def read_csv(captions_file: str | Path, image_dir: str | Path, split: str | None
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty file, expected a header line with image and caption columns")
     try:
-        dialect = csv.Sniffer().sniff(lines[0], delimiters=",|;\t")
+        delimiter = csv.Sniffer().sniff(lines[0], delimiters=",|;\t").delimiter
     except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(lines, dialect)
+        delimiter = ","
+    # only the delimiter comes from the header; quoting stays the standard one ("a ""quoted"" word", as written
+    # by Python's csv module, pandas and spreadsheets), which a header line without quotes cannot show
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = [h.strip().lower() for h in next(reader)]
     except csv.Error as e:
