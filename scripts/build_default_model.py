@@ -1,17 +1,21 @@
 """Rebuild the shipped default model in one command:
 
-    python scripts/build_default_model.py [--root ../shared/data/flickr8k] [--out runs/flickr8k]
+    python scripts/build_default_model.py [--root ../shared/data/flickr8k] [--out runs/flickr8k] [--jobs 2]
 
-Trains with configs/flickr8k.toml (features are extracted and cached first), evaluates the best
-dev checkpoint on the dev and test splits with beam 1/3/5, and writes an fp16 copy with that
-record (command, data, metrics) to src/showtell/weights/flickr8k.safetensors.
+Reads configs/flickr8k.toml: the [train] settings of one model and the [ensemble] seeds. Extracts and caches the
+features once, trains one model per seed with ``showtell train`` (``--jobs`` at a time, one thread each), folds
+the members' best dev checkpoints into one ensemble checkpoint, evaluates it on the dev and test splits with
+beam 1/3/5, and writes an fp16 copy with that record (command, data, metrics) to
+src/showtell/weights/flickr8k.safetensors. ``--resume`` continues interrupted members and skips finished ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -20,13 +24,54 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def seeds_of(config_file: str) -> list[int]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    seeds = tomllib.loads(Path(config_file).read_text(encoding="utf-8")).get("ensemble", {}).get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        sys.exit(f"{config_file}: [ensemble] seeds must be a list of distinct integers")
+    return seeds
+
+
+def train_members(args: argparse.Namespace, seeds: list[int]) -> list[Path]:
+    """Run ``showtell train`` once per seed, ``args.jobs`` at a time; the members' best checkpoints."""
+    env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else dict(os.environ)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    waiting, running = list(seeds), {}
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            seed = waiting.pop(0)
+            run = out / f"seed-{seed}"
+            cmd = [sys.executable, "-m", "showtell", "train", "--config", args.config, "--root", args.root,
+                   "--out", str(run), "--seed", str(seed), "--quiet"]
+            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            cmd += ["--resume"] if args.resume and (run / "last.safetensors").is_file() else []
+            log = open(out / f"seed-{seed}.log", "w")
+            running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            print(f"member seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        time.sleep(5)
+        for seed, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[seed]
+            if proc.returncode:
+                sys.exit(f"member seed {seed} failed; see {out / f'seed-{seed}.log'}")
+            print(f"member seed {seed} done", file=sys.stderr, flush=True)
+    return [out / f"seed-{seed}" / "best.safetensors" for seed in seeds]
+
+
 def main() -> int:
     from showtell.captioner import WEIGHTS_DIR, Captioner
-    from showtell.checkpoint import load_checkpoint, save_checkpoint
+    from showtell.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
     from showtell.datasets import load_corpus
     from showtell.decoding import DecodingOptions
     from showtell.evaluate import evaluate_records, most_common_captions
-    from showtell.train import TrainConfig, Trainer
+    from showtell.features import extract_features
+    from showtell.train import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=os.environ.get("SHOWTELL_FLICKR8K", str(REPO.parent / "shared/data/flickr8k")))
@@ -34,19 +79,27 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "flickr8k"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--dest", default=str(WEIGHTS_DIR / "flickr8k.safetensors"))
+    p.add_argument("--jobs", type=int, default=2, help="members trained at once (default 2: one per core)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
 
-    values = {**asdict(TrainConfig()), **TrainConfig.from_toml(args.config), "root": args.root,
-              "cache_dir": args.cache_dir}
-    config = TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict({**asdict(TrainConfig()), **TrainConfig.from_toml(args.config), "root": args.root})
+    seeds = seeds_of(args.config)
     t0 = time.time()
-    state = Trainer(config, args.out, resume=args.resume).run()
-    train_seconds = time.time() - t0
-
-    best = Path(args.out) / "best.safetensors"
-    captioner = Captioner(load_checkpoint(best))
     corpus = load_corpus("flickr8k", args.root)
+    for split, flip in (("train", config.flip), ("dev", False), ("test", False)):  # once, before the members
+        extract_features([r.image for r in corpus.split(split)], config.encoder, args.cache_dir, flip=flip)
+    feature_seconds = time.time() - t0
+    members = train_members(args, seeds)
+    train_seconds = time.time() - t0 - feature_seconds
+
+    out = Path(args.out)
+    if len(members) > 1:
+        model_file = out / "ensemble.safetensors"
+        fold_checkpoints(members, model_file)
+    else:
+        model_file = members[0]
+    captioner = Captioner(load_checkpoint(model_file))
     metrics: dict[str, dict] = {}
     samples: dict[str, list] = {}
     t1 = time.time()
@@ -60,21 +113,35 @@ def main() -> int:
             if split == "test" and beam == 3:
                 samples = {"most_common": most_common_captions(captions, 10),
                            "first": [(r.image.name, c) for r, c in zip(records[:20], captions[:20])]}
+    if len(members) > 1:  # each member alone, on dev: what folding them together adds
+        for seed, member in zip(seeds, members):
+            scores, summary, _, _ = evaluate_records(Captioner(load_checkpoint(member)), corpus.split("dev"),
+                                                     DecodingOptions(beam_size=3, max_length=20), args.cache_dir)
+            metrics[f"dev_beam3_member_seed{seed}"] = {**scores.values, **summary}
+            print(f"member seed {seed} dev beam 3: CIDEr {scores.values['CIDEr']:.3f}", file=sys.stderr)
     eval_seconds = time.time() - t1
-    ckpt = load_checkpoint(best)
+    epoch_seconds = 0.0  # the members' training epochs, also those of earlier runs continued with --resume
+    for member in members:
+        with open(member.parent / "metrics.csv") as f:
+            epoch_seconds += sum(float(row["seconds"]) for row in csv.DictReader(f))
+
+    ckpt = load_checkpoint(model_file)
     meta = dict(ckpt.meta)
     meta["name"] = "flickr8k"
     meta["metrics"] = {**metrics, "scored_with": "showtell evaluate (pycocoevalcap scorers, PTB tokenizer)"}
     meta["training"] = {**meta.get("training", {}), "command": "python scripts/build_default_model.py",
-                        "config_file": "configs/flickr8k.toml", "data": "Flickr8k (Hodosh et al. 2013), "
-                        "standard 6000/1000/1000 split", "train_seconds": round(state["train_seconds"]),
-                        "eval_seconds": round(eval_seconds), "best_epoch": state["best_epoch"]}
+                        "config_file": "configs/flickr8k.toml", "seeds": seeds,
+                        "data": "Flickr8k (Hodosh et al. 2013), standard 6000/1000/1000 split",
+                        "feature_seconds": round(feature_seconds), "train_seconds": round(train_seconds),
+                        "member_epoch_seconds": round(epoch_seconds),
+                        "eval_seconds": round(eval_seconds)}
     meta["samples"] = samples
     meta.pop("train_state", None)
     save_checkpoint(args.dest, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=meta, half=True)
     print(json.dumps({"dest": args.dest, "size_mb": round(Path(args.dest).stat().st_size / 1e6, 2),
-                      "this_run_seconds": round(train_seconds), "epoch_seconds": round(state["train_seconds"]),
-                      "eval_seconds": round(eval_seconds),
+                      "seconds": {"features": round(feature_seconds), "members": round(train_seconds),
+                                  "member_epochs": round(epoch_seconds),
+                                  "evaluation": round(eval_seconds), "total": round(time.time() - t0)},
                       "test_beam3": metrics["test_beam3"]}))
     return 0
 

@@ -25,10 +25,19 @@ def test_shipped_checkpoint_is_small_and_records_how_it_was_made():
             assert 0.1 < scores["BLEU-4"] < 1 and 0.2 < scores["CIDEr"] < 3 and scores["images"] == 1000
 
 
+PERSON_WORDS = {"man", "men", "woman", "women", "person", "people", "boy", "girl", "child", "player", "crowd"}
+
+
 def test_load_without_arguments_captions_the_example_photos():
-    results = showtell.load().caption(sorted(EXAMPLES.glob("*.jpg")), beam_size=3)
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    results = showtell.load().caption(photos, beam_size=3)
     assert len(results) == 8 and all(r.ok and r.caption for r in results)
-    assert len({r.caption for r in results}) >= 5  # not the same sentence for every photo
+    assert len({r.caption for r in results}) >= 7  # distinct photos, distinct captions
+    # The photos of people are captioned as people. (The cat, the coffee cup, coins, a rocket and galaxies are
+    # outside Flickr8k's world of people and dogs: the model card lists that failure.)
+    captions = {p.stem: set(r.caption.split()) for p, r in zip(photos, results)}
+    for person_photo in ("astronaut", "camera"):
+        assert captions[person_photo] & PERSON_WORDS, captions[person_photo]
 
 
 def test_readme_main_command_captions_offline():
