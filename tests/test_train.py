@@ -119,3 +119,19 @@ def test_end_to_end_fine_tuning_writes_a_checkpoint_that_captions(flickr8k, tmp_
     assert not (tmp_path / "c").exists()  # no feature cache on this path
     result = api.load(out / "best.safetensors").caption(photos / "chelsea.jpg")[0]
     assert result.ok and result.caption
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_self_critical_stage_after_cross_entropy(run, flickr8k, feature_cache, tmp_path, baseline):
+    import shutil
+
+    out = tmp_path / "scst"
+    shutil.copytree(run[0], out)
+    epochs = len(rows(out / "metrics.csv"))
+    showtell("train", "--dataset", "flickr8k", "--root", flickr8k, "--out", out, "--cache-dir", feature_cache,
+             "--epochs", epochs, "--resume", "--scst-epochs", 1, "--scst-baseline", baseline, *ARGS)
+    history = rows(out / "metrics.csv")
+    assert [r["stage"] for r in history] == ["xe"] * epochs + ["scst"]
+    assert 0 < float(history[-1]["train_loss"]) < 10  # the mean CIDEr-D reward of the samples
+    assert float(history[-1]["CIDEr"]) > 0
+    assert load_checkpoint(out / "last.safetensors").meta["config"]["scst_baseline"] == baseline

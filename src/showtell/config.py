@@ -46,12 +46,13 @@ class TrainConfig:
     flip: bool = True                 # also train on features of horizontally flipped images
     patience: int = 3                 # stop after this many epochs without a better dev CIDEr
     seed: int = 0
-    # self-critical stage after cross-entropy (0 = off): CIDEr-D reward, mean-of-other-samples baseline
+    # self-critical stage after cross-entropy (0 = off): CIDEr-D reward minus a baseline
     scst_epochs: int = 0
     scst_lr: float = 5e-5
     scst_samples: int = 5
     scst_batch_size: int = 50
     scst_max_length: int = 16
+    scst_baseline: str = "mean"       # "mean": of the image's other samples; "greedy": its greedy caption's reward
     # dev evaluation after each epoch
     eval_beam_size: int = 1
     eval_max_length: int = 20
@@ -73,6 +74,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ShowtellError(f"unknown training setting(s): {', '.join(unknown)}")
+        if d.get("scst_baseline", "mean") not in ("mean", "greedy"):
+            raise ShowtellError(f"scst_baseline must be 'mean' or 'greedy', got {d['scst_baseline']!r}")
         return cls(**d)
 
     @classmethod

@@ -59,9 +59,11 @@ class CiderD:
 
 
 def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int,
-                    end_id: int, banned: Sequence[int], generator: torch.Generator | None = None):
-    """Sample ``samples`` captions per image with gradients: returns tokens [B*k, T] (0 after <end>),
-    summed log-probabilities [B*k] and lengths [B*k] (words plus <end> when emitted)."""
+                    end_id: int, banned: Sequence[int], generator: torch.Generator | None = None,
+                    greedy: bool = False):
+    """Sample ``samples`` captions per image with gradients (``greedy``: the most likely word each step):
+    returns tokens [B*k, T] (0 after <end>), summed log-probabilities [B*k] and lengths [B*k] (words plus <end>
+    when emitted)."""
     feats = features.repeat_interleave(samples, dim=0)
     n = feats.shape[0]
     state = model.init_state(feats)
@@ -72,7 +74,10 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
         logits, state = model.step(tokens, state)
         logits[:, list(banned)] = float("-inf")
         logp = F.log_softmax(logits, dim=-1)
-        tokens = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+        if greedy:
+            tokens = logp.detach().argmax(-1)
+        else:
+            tokens = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
         tokens = torch.where(alive, tokens, torch.zeros_like(tokens))
         logps.append(logp.gather(1, tokens[:, None]).squeeze(1) * alive)
         out.append(tokens)
@@ -86,13 +91,27 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
 
 def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], cider: CiderD, itos: list[str],
               samples: int = 5, max_length: int = 16, end_id: int = 2, banned: Sequence[int] = (0, 1, 3),
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """The self-critical loss of one batch, and the mean CIDEr-D reward of its samples."""
+              generator: torch.Generator | None = None, baseline: str = "mean") -> tuple[torch.Tensor, float]:
+    """The self-critical loss of one batch, and the mean CIDEr-D reward of its samples. ``baseline``: "mean",
+    each sample against the mean reward of the image's other samples; "greedy", against the reward of the
+    image's greedy caption from the model in eval mode (Rennie et al. 2017)."""
+
+    def rewards_of(tokens: torch.Tensor, per_image: int) -> torch.Tensor:
+        words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
+        return torch.tensor([cider.score(w, images[i // per_image]) for i, w in enumerate(words)])
+
     tokens, logp, lengths = sample_captions(model, features, samples, max_length, end_id, banned, generator)
-    words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
-    rewards = torch.tensor([cider.score(w, images[i // samples]) for i, w in enumerate(words)])
+    rewards = rewards_of(tokens, samples)
     grouped = rewards.view(-1, samples)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (samples - 1)  # mean of the other samples
-    advantage = (grouped - baseline).view(-1)
+    if baseline == "greedy":
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            greedy, _, _ = sample_captions(model, features, 1, max_length, end_id, banned, greedy=True)
+        model.train(was_training)
+        base = rewards_of(greedy, 1)[:, None]
+    else:
+        base = (grouped.sum(1, keepdim=True) - grouped) / (samples - 1)  # mean of the other samples
+    advantage = (grouped - base).view(-1)
     loss = -(advantage * logp / lengths).mean()
     return loss, float(rewards.mean())

@@ -380,6 +380,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss, reward = scst_loss(self.model, feats, idx.tolist(), self.cider, self.vocab.itos,
                                          samples=c.scst_samples, max_length=c.scst_max_length,
+                                         baseline=c.scst_baseline,
                                          end_id=self.vocab.end_id, generator=gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

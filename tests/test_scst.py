@@ -1,0 +1,55 @@
+"""Self-critical training's pieces: CIDEr-D rewards equal to pycocoevalcap's, and the loss with both baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from showtell.model import CaptionModel, ModelConfig
+from showtell.scst import CiderD, sample_captions, scst_loss
+
+REFS = [["a dog runs on the grass", "a brown dog is running", "the dog plays in a field"],
+        ["a man rides a bike", "a person on a bicycle", "a cyclist rides down the road"],
+        ["two children play in the water", "kids splash in a pool", "children are swimming"]]
+CANDIDATES = ["a dog is running on the grass", "a man rides a red bike", "a dog in the water"]
+
+
+def test_rewards_equal_pycocoevalcap_cider_d():
+    from pycocoevalcap.cider.cider import Cider
+
+    expected, per_image = Cider().compute_score({i: refs for i, refs in enumerate(REFS)},
+                                                {i: [c] for i, c in enumerate(CANDIDATES)})
+    cider = CiderD([[r.split() for r in refs] for refs in REFS])
+    ours = [cider.score(c.split(), i) for i, c in enumerate(CANDIDATES)]
+    assert ours == pytest.approx(list(per_image), abs=1e-9)
+    assert sum(ours) / len(ours) == pytest.approx(expected, abs=1e-9)
+
+
+def _model() -> tuple[CaptionModel, list[str]]:
+    itos = ["<pad>", "<start>", "<end>", "<unk>"] + sorted({w for refs in REFS for r in refs for w in r.split()})
+    torch.manual_seed(0)
+    return CaptionModel(ModelConfig(vocab_size=len(itos), feature_dim=8, embed_dim=16, hidden_dim=32)), itos
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_loss_has_gradients_and_keeps_the_training_mode(baseline):
+    model, itos = _model()
+    cider = CiderD([[r.split() for r in refs] for refs in REFS])
+    model.train()
+    loss, reward = scst_loss(model, torch.randn(3, 8), [0, 1, 2], cider, itos, samples=4, max_length=8,
+                             generator=torch.Generator().manual_seed(0), baseline=baseline)
+    loss.backward()
+    assert model.training and reward >= 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p is not model.embed.weight)
+
+
+def test_greedy_captions_are_the_most_likely_words():
+    model, _ = _model()
+    model.eval()
+    feats = torch.randn(2, 8)
+    with torch.no_grad():
+        tokens, _, _ = sample_captions(model, feats, 1, 6, end_id=2, banned=(0, 1, 3), greedy=True)
+        state = model.init_state(feats)
+        logits, _ = model.step(torch.ones(2, dtype=torch.long), state)
+        logits[:, [0, 1, 3]] = float("-inf")
+    assert tokens[:, 0].tolist() == logits.argmax(-1).tolist()
