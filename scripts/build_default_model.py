@@ -30,26 +30,40 @@ def seeds_of(config_file: str) -> list[int]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     seeds = tomllib.loads(Path(config_file).read_text(encoding="utf-8")).get("ensemble", {}).get("seeds", [0])
-    if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
         sys.exit(f"{config_file}: [ensemble] seeds must be a list of distinct integers")
     return seeds
 
 
-def train_members(args: argparse.Namespace, seeds: list[int]) -> list[Path]:
-    """Run ``showtell train`` once per seed, ``args.jobs`` at a time; the members' best checkpoints."""
-    env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else dict(os.environ)
+def train_members(args: argparse.Namespace, seeds: list[int], cache_dir: str | None) -> list[Path]:
+    """Run ``showtell train`` once per seed, ``args.jobs`` at a time (one thread each when several run at once);
+    the members' best checkpoints. When one fails, the others are stopped (``--resume`` continues them all)."""
+    jobs = min(args.jobs, len(seeds))
+    env = dict(os.environ, OMP_NUM_THREADS="1") if jobs > 1 else dict(os.environ)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     waiting, running = list(seeds), {}
+    try:
+        _schedule(args, out, waiting, running, jobs, env, cache_dir)
+    finally:
+        for proc, log in running.values():  # a failure or Ctrl-C: no member keeps writing behind our back
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return [out / f"seed-{seed}" / "best.safetensors" for seed in seeds]
+
+
+def _schedule(args, out: Path, waiting: list[int], running: dict, jobs: int, env: dict, cache_dir: str | None) -> None:
     while waiting or running:
-        while waiting and len(running) < args.jobs:
+        while waiting and len(running) < jobs:
             seed = waiting.pop(0)
             run = out / f"seed-{seed}"
             cmd = [sys.executable, "-m", "showtell", "train", "--config", args.config, "--root", args.root,
                    "--out", str(run), "--seed", str(seed), "--quiet"]
-            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            cmd += ["--cache-dir", cache_dir] if cache_dir else []
             cmd += ["--resume"] if args.resume and (run / "last.safetensors").is_file() else []
-            log = open(out / f"seed-{seed}.log", "w")
+            log = open(out / f"seed-{seed}.log", "a")
             running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
             print(f"member seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         time.sleep(5)
@@ -61,7 +75,6 @@ def train_members(args: argparse.Namespace, seeds: list[int]) -> list[Path]:
             if proc.returncode:
                 sys.exit(f"member seed {seed} failed; see {out / f'seed-{seed}.log'}")
             print(f"member seed {seed} done", file=sys.stderr, flush=True)
-    return [out / f"seed-{seed}" / "best.safetensors" for seed in seeds]
 
 
 def main() -> int:
@@ -69,6 +82,7 @@ def main() -> int:
     from showtell.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
     from showtell.datasets import load_corpus
     from showtell.decoding import DecodingOptions
+    from showtell.errors import ShowtellError
     from showtell.evaluate import evaluate_records, most_common_captions
     from showtell.features import extract_features
     from showtell.train import TrainConfig
@@ -82,15 +96,22 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="members trained at once (default 2: one per core)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
 
-    config = TrainConfig.from_dict({**asdict(TrainConfig()), **TrainConfig.from_toml(args.config), "root": args.root})
+    try:  # the config is checked before any work; its errors are one line
+        config = TrainConfig.from_dict({**asdict(TrainConfig()), **TrainConfig.from_toml(args.config),
+                                        "root": args.root})
+    except ShowtellError as e:
+        sys.exit(f"build_default_model: error: {e}")
     seeds = seeds_of(args.config)
+    cache_dir = args.cache_dir or config.cache_dir
     t0 = time.time()
     corpus = load_corpus("flickr8k", args.root)
     for split, flip in (("train", config.flip), ("dev", False), ("test", False)):  # once, before the members
-        extract_features([r.image for r in corpus.split(split)], config.encoder, args.cache_dir, flip=flip)
+        extract_features([r.image for r in corpus.split(split)], config.encoder, cache_dir, flip=flip)
     feature_seconds = time.time() - t0
-    members = train_members(args, seeds)
+    members = train_members(args, seeds, cache_dir)
     train_seconds = time.time() - t0 - feature_seconds
 
     out = Path(args.out)
@@ -106,7 +127,7 @@ def main() -> int:
     for split in ("dev", "test"):
         for beam in (1, 3, 5):
             scores, summary, records, captions = evaluate_records(
-                captioner, corpus.split(split), DecodingOptions(beam_size=beam, max_length=20), args.cache_dir)
+                captioner, corpus.split(split), DecodingOptions(beam_size=beam, max_length=20), cache_dir)
             metrics[f"{split}_beam{beam}"] = {**scores.values, **summary}
             print(f"{split} beam {beam}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.values.items())
                   + f"  distinct {summary['distinct']:.1%}", file=sys.stderr)
@@ -116,7 +137,7 @@ def main() -> int:
     if len(members) > 1:  # each member alone, on dev: what folding them together adds
         for seed, member in zip(seeds, members):
             scores, summary, _, _ = evaluate_records(Captioner(load_checkpoint(member)), corpus.split("dev"),
-                                                     DecodingOptions(beam_size=3, max_length=20), args.cache_dir)
+                                                     DecodingOptions(beam_size=3, max_length=20), cache_dir)
             metrics[f"dev_beam3_member_seed{seed}"] = {**scores.values, **summary}
             print(f"member seed {seed} dev beam 3: CIDEr {scores.values['CIDEr']:.3f}", file=sys.stderr)
     eval_seconds = time.time() - t1

@@ -139,3 +139,9 @@ def test_ensemble_cli_folds_checkpoints_into_one_that_captions(tiny_checkpoint, 
     bad = showtell_cli("ensemble", tiny_checkpoint, wrong, "--out", tmp_path / "no.safetensors")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "vocabulary" in bad.stderr
     assert not (tmp_path / "no.safetensors").exists()
+    for args, message in (((tiny_checkpoint, tiny_checkpoint), "given twice"), ((tiny_checkpoint, other), "directory")):
+        refused = showtell_cli("ensemble", *args, "--out", tmp_path)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and message in refused.stderr
+    # the ensemble's metadata holds each member's record, not the first member's as its own
+    assert "metrics" not in folded.meta and "training" not in folded.meta
+    assert folded.meta["members"][1]["training"] == {"seed": 3}

@@ -211,3 +211,10 @@ def test_csv_quotes_inside_captions_as_csv_writers_write_them(tmp_path, delimite
     corpus = read_csv(tmp_path / "captions.csv", tmp_path / "Images")
     assert sorted((r.image.name, r.captions, r.split) for r in corpus.records) == [
         ("a.jpg", (rows[0][1], rows[1][1]), "train"), ("b.jpg", ("A dog",), "dev")]
+
+
+def test_csv_spaces_after_the_delimiter_with_quoted_fields(tmp_path):
+    make_images(tmp_path / "Images", ["a.jpg"])
+    (tmp_path / "c.csv").write_text('image, caption, split\na.jpg, "a dog, running", train\n')
+    corpus = read_csv(tmp_path / "c.csv", tmp_path / "Images")
+    assert [(r.captions, r.split) for r in corpus.records] == [(("a dog, running",), "train")]

@@ -190,6 +190,13 @@ def test_ensemble_members_must_share_a_config():
         Ensemble(make_model(0).config, 1)
 
 
+def test_image_dropout_defaults_to_the_dropout_rate():
+    """Checkpoints from before image_dropout existed (no key) keep the image dropout they were trained with."""
+    config = ModelConfig.from_dict({"vocab_size": 30, "feature_dim": 12, "dropout": 0.3})
+    assert config.image_dropout is None and CaptionModel(config).image_drop.p == 0.3
+    assert CaptionModel(ModelConfig(vocab_size=30, feature_dim=12, image_dropout=0.0)).image_drop.p == 0.0
+
+
 def test_image_dropout_drops_only_the_image_input():
     """image_dropout acts on the projected image alone: with word/output dropout off, a training-mode model
     gives the eval-mode outputs only when the image dropout is off too."""

@@ -53,3 +53,19 @@ def test_greedy_captions_are_the_most_likely_words():
         logits, _ = model.step(torch.ones(2, dtype=torch.long), state)
         logits[:, [0, 1, 3]] = float("-inf")
     assert tokens[:, 0].tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"scst_samples": 1}, "at least 2 with the mean baseline"),
+    ({"scst_baseline": "median"}, "'mean' or 'greedy'"),
+    ({"image_dropout": 1.5}, "image_dropout must be in"),
+])
+def test_bad_settings_are_refused_before_any_work(settings, message):
+    from dataclasses import asdict
+
+    from showtell.config import TrainConfig
+    from showtell.errors import ShowtellError
+
+    with pytest.raises(ShowtellError, match=message):
+        TrainConfig.from_dict({**asdict(TrainConfig()), **settings})
+    TrainConfig.from_dict({**asdict(TrainConfig()), "scst_samples": 1, "scst_baseline": "greedy"})

@@ -145,9 +145,13 @@ def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, met
                      half: bool = False) -> Checkpoint:
     """Fold trained checkpoints (one model config, vocabulary and encoder) into one ensemble checkpoint at ``out``.
     Its metadata is the first member's, updated by ``meta``, with each member's file name and training record."""
-    ckpts = [load_checkpoint(p) for p in paths]
-    if len(ckpts) < 2:
+    if len(paths) < 2:
         raise ShowtellError("an ensemble needs at least 2 checkpoints")
+    if len({Path(p).resolve() for p in paths}) != len(paths):
+        raise ShowtellError("the same checkpoint is given twice; an ensemble needs models trained apart")
+    if Path(out).is_dir():
+        raise ShowtellError(f"{out}: is a directory; --out names the checkpoint file to write")
+    ckpts = [load_checkpoint(p) for p in paths]
     first = ckpts[0]
     for path, c in zip(paths[1:], ckpts[1:]):
         if c.vocab.to_dict() != first.vocab.to_dict() or (c.encoder, c.preprocess) != (first.encoder, first.preprocess):
@@ -155,8 +159,9 @@ def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, met
                                 "trained on the same data with the same encoder")
     members = [m for c in ckpts for m in (c.model.members if isinstance(c.model, Ensemble) else [c.model])]
     model = Ensemble.of(members)
-    info = {k: v for k, v in first.meta.items() if k not in ("train_state", "config")}
-    info["members"] = [{"file": Path(p).name, **{k: c.meta[k] for k in ("training", "config") if k in c.meta}}
+    per_member = ("training", "config", "metrics")  # each member's own record, not the ensemble's
+    info = {k: v for k, v in first.meta.items() if k not in (*per_member, "train_state", "samples", "name")}
+    info["members"] = [{"file": Path(p).name, **{k: c.meta[k] for k in per_member if k in c.meta}}
                        for p, c in zip(paths, ckpts)]
     save_checkpoint(out, model, first.vocab, first.encoder, first.preprocess, meta={**info, **(meta or {})},
                     half=half)

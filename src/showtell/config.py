@@ -33,7 +33,7 @@ class TrainConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.5              # on the word embeddings and the LSTM output
-    image_dropout: float = 0.5        # on the projected image feature (the LSTM's first input)
+    image_dropout: float | None = None  # on the projected image feature (the LSTM's first input); None: = dropout
     batch_norm: bool = False
     # optimisation
     epochs: int = 30
@@ -74,9 +74,17 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ShowtellError(f"unknown training setting(s): {', '.join(unknown)}")
-        if d.get("scst_baseline", "mean") not in ("mean", "greedy"):
-            raise ShowtellError(f"scst_baseline must be 'mean' or 'greedy', got {d['scst_baseline']!r}")
-        return cls(**d)
+        config = cls(**d)
+        for name in ("dropout", "image_dropout", "label_smoothing"):
+            value = getattr(config, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ShowtellError(f"{name} must be in [0, 1), got {value!r}")
+        if config.scst_baseline not in ("mean", "greedy"):
+            raise ShowtellError(f"scst_baseline must be 'mean' or 'greedy', got {config.scst_baseline!r}")
+        if config.scst_samples < (2 if config.scst_baseline == "mean" else 1):
+            raise ShowtellError(f"scst_samples must be at least {2 if config.scst_baseline == 'mean' else 1} with "
+                                f"the {config.scst_baseline} baseline, got {config.scst_samples}")
+        return config
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> dict:

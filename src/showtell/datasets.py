@@ -175,12 +175,13 @@ def read_csv(captions_file: str | Path, image_dir: str | Path, split: str | None
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty file, expected a header line with image and caption columns")
     try:
-        delimiter = csv.Sniffer().sniff(lines[0], delimiters=",|;\t").delimiter
+        sniffed = csv.Sniffer().sniff(lines[0], delimiters=",|;\t")
+        delimiter, space = sniffed.delimiter, sniffed.skipinitialspace
     except csv.Error:
-        delimiter = ","
-    # only the delimiter comes from the header; quoting stays the standard one ("a ""quoted"" word", as written
-    # by Python's csv module, pandas and spreadsheets), which a header line without quotes cannot show
-    reader = csv.reader(lines, delimiter=delimiter)
+        delimiter, space = ",", False
+    # the delimiter and spaces after it come from the header; quoting stays the standard one ("a ""quoted""
+    # word", as Python's csv module, pandas and spreadsheets write it), which a header without quotes cannot show
+    reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=space)
     try:
         header = [h.strip().lower() for h in next(reader)]
     except csv.Error as e:

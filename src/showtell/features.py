@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,8 @@ def _save_done(path: Path, done: np.ndarray) -> None:
         np.save(f, done)
 
 
-def _copy_rows(path: Path, manifest: dict, images: list[Path], done: np.ndarray, sources: list[FeatureCache]) -> None:
+def _copy_rows(path: Path, manifest: dict, images: list[Path], done: np.ndarray,
+               sources: Sequence[FeatureCache]) -> None:
     """Fill the unfinished rows of the cache at ``path`` that a source cache holds (same encoder, preprocessing,
     flip), and record them done."""
     out = np.load(path / "features.npy", mmap_mode="r+")
@@ -200,7 +201,7 @@ def _intact(path: Path, manifest: dict | None) -> bool:
 
 def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
                      flip: bool = False, batch_size: int = 32, num_workers: int = 1, device: str = "cpu",
-                     quiet: bool = False, encoder=None, reuse: list[FeatureCache] = ()) -> FeatureCache:
+                     quiet: bool = False, encoder=None, reuse: Sequence[FeatureCache] = ()) -> FeatureCache:
     """Features of ``images`` from a complete cache, extracting what is missing first.
 
     ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed. Rows found in a

@@ -33,7 +33,7 @@ class ModelConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.5  # on the word embeddings, the LSTM output and between layers
-    image_dropout: float = 0.5  # on the projected image, the LSTM's first input
+    image_dropout: float | None = None  # on the projected image, the LSTM's first input; None: as ``dropout``
     batch_norm: bool = False  # BatchNorm1d after the image projection (yunjey's pytorch-tutorial layout)
 
     def __post_init__(self) -> None:
@@ -46,6 +46,8 @@ class ModelConfig:
                                 f"got {self.vocab_size}")
         for name in ("dropout", "image_dropout"):
             value = getattr(self, name)
+            if value is None and name == "image_dropout":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ShowtellError(f"model config: {name} must be in [0, 1), got {value!r}")
         if not isinstance(self.batch_norm, bool):
@@ -77,7 +79,7 @@ class CaptionModel(nn.Module):
         self.image_norm = nn.BatchNorm1d(c.embed_dim) if c.batch_norm else None
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.drop = nn.Dropout(c.dropout)
-        self.image_drop = nn.Dropout(c.image_dropout)
+        self.image_drop = nn.Dropout(c.dropout if c.image_dropout is None else c.image_dropout)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.head = nn.Linear(c.hidden_dim, c.vocab_size)

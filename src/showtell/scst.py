@@ -100,6 +100,8 @@ def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int]
         words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
         return torch.tensor([cider.score(w, images[i // per_image]) for i, w in enumerate(words)])
 
+    if baseline not in ("mean", "greedy") or samples < (2 if baseline == "mean" else 1):
+        raise ValueError(f"scst_loss: baseline {baseline!r} with {samples} sample(s) per image")
     tokens, logp, lengths = sample_captions(model, features, samples, max_length, end_id, banned, generator)
     rewards = rewards_of(tokens, samples)
     grouped = rewards.view(-1, samples)

@@ -192,8 +192,10 @@ class Trainer:
                       num_workers=c.num_workers)
         if self.world == 1:
             return extract_features(images, quiet=self.quiet, **kwargs)
-        cache = find_features(images, c.encoder, c.cache_dir, flip)
-        if cache is None:
+        cache = find_features(images, c.encoder, c.cache_dir, flip) if self.main else None
+        missing = [cache is None]
+        torch.distributed.broadcast_object_list(missing, 0)  # rank 0 decides, so every rank takes one path
+        if missing[0]:
             self.say(f"extracting features on {self.world} processes")
             extract_features(images[self.rank::self.world], quiet=self.quiet or not self.main, **kwargs)
             torch.distributed.barrier()
