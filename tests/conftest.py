@@ -104,3 +104,17 @@ def serve_process(checkpoint: Path, *args: str, timeout: float = 90):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.output = proc.communicate()[0]
+
+
+def rank_batches(lengths: list[int], batch_size: int, seed: int, world: int, epoch: int) -> list[list[list[int]]]:
+    """Each rank's batches of one epoch from a LengthBucketSampler sharded over ``world`` ranks (the sampler's
+    length checked against what it yields)."""
+    from showtell.data import LengthBucketSampler
+
+    ranks = []
+    for rank in range(world):
+        sampler = LengthBucketSampler(lengths, batch_size, seed=seed, num_replicas=world, rank=rank)
+        sampler.set_epoch(epoch)
+        ranks.append(list(sampler))
+        assert len(ranks[-1]) == len(sampler)
+    return ranks

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import rank_batches
 
 from showtell.data import LengthBucketSampler
 
@@ -29,12 +30,7 @@ def test_ranks_split_the_global_batches_of_one_process(world, batch_size):
     for epoch in range(2):
         single = LengthBucketSampler(lengths, batch_size * world, seed=7)
         single.set_epoch(epoch)
-        ranks = []
-        for rank in range(world):
-            sampler = LengthBucketSampler(lengths, batch_size, seed=7, num_replicas=world, rank=rank)
-            sampler.set_epoch(epoch)
-            ranks.append(list(sampler))
-            assert len(ranks[-1]) == len(sampler)
+        ranks = rank_batches(lengths, batch_size, 7, world, epoch)
         steps = [sorted(i for part in parts for i in part) for parts in zip(*ranks)]
         # Global batches smaller than the world go last, a caption a rank; when those do not come out even, the
         # last splittable global batch joins them and is cut finer. All the others are steps of their own.

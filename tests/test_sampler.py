@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import rank_batches
 
 from showtell.data import LengthBucketSampler, pad_captions
 
@@ -45,12 +46,7 @@ def test_no_shuffle_is_sorted_by_length():
 def test_distributed_ranks_disjoint_equal_and_covering(world, n, batch_size):
     lengths = lengths_fixture(n)
     for epoch in range(2):
-        per_rank = []
-        for rank in range(world):
-            s = LengthBucketSampler(lengths, batch_size, seed=5, num_replicas=world, rank=rank)
-            s.set_epoch(epoch)
-            per_rank.append(list(s))
-            assert len(per_rank[-1]) == len(s)
+        per_rank = rank_batches(lengths, batch_size, 5, world, epoch)
         assert len({len(b) for b in per_rank}) == 1  # equal batch counts
         flat = [i for batches in per_rank for b in batches for i in b]
         assert Counter(flat) == Counter(range(n))  # disjoint and covering
