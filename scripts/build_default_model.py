@@ -3,10 +3,11 @@
     python scripts/build_default_model.py [--root ../shared/data/flickr8k] [--out runs/flickr8k] [--jobs 2]
 
 Reads configs/flickr8k.toml: the [train] settings of one model and the [ensemble] seeds. Extracts and caches the
-features once, trains one model per seed with ``showtell train`` (``--jobs`` at a time, one thread each), folds
-the members' best dev checkpoints into one ensemble checkpoint, evaluates it on the dev and test splits with
-beam 1/3/5, and writes an fp16 copy with that record (command, data, metrics) to
-src/showtell/weights/flickr8k.safetensors. ``--resume`` continues interrupted members and skips finished ones.
+features once, trains one model per seed with cross-entropy (``showtell train``, ``--jobs`` at a time, one thread
+each), folds the members' best dev checkpoints into one ensemble checkpoint, trains that with the self-critical
+stage (``showtell train --init ... --epochs 0``), evaluates the result on the dev and test splits with beam 1/3/5,
+and writes an fp16 copy with that record (command, data, metrics) to src/showtell/weights/flickr8k.safetensors.
+``--resume`` continues interrupted runs and skips finished ones.
 """
 
 from __future__ import annotations
@@ -54,15 +55,19 @@ def train_members(args: argparse.Namespace, seeds: list[int], cache_dir: str | N
     return [out / f"seed-{seed}" / "best.safetensors" for seed in seeds]
 
 
+def _train_command(args: argparse.Namespace, run: Path, cache_dir: str | None, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "showtell", "train", "--config", args.config, "--root", args.root,
+           "--out", str(run), "--quiet", *extra]
+    cmd += ["--cache-dir", cache_dir] if cache_dir else []
+    return cmd + (["--resume"] if args.resume and (run / "last.safetensors").is_file() else [])
+
+
 def _schedule(args, out: Path, waiting: list[int], running: dict, jobs: int, env: dict, cache_dir: str | None) -> None:
     while waiting or running:
         while waiting and len(running) < jobs:
             seed = waiting.pop(0)
             run = out / f"seed-{seed}"
-            cmd = [sys.executable, "-m", "showtell", "train", "--config", args.config, "--root", args.root,
-                   "--out", str(run), "--seed", str(seed), "--quiet"]
-            cmd += ["--cache-dir", cache_dir] if cache_dir else []
-            cmd += ["--resume"] if args.resume and (run / "last.safetensors").is_file() else []
+            cmd = _train_command(args, run, cache_dir, "--seed", str(seed), "--scst-epochs", "0")
             log = open(out / f"seed-{seed}.log", "a")
             running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
             print(f"member seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -112,14 +117,21 @@ def main() -> int:
         extract_features([r.image for r in corpus.split(split)], config.encoder, cache_dir, flip=flip)
     feature_seconds = time.time() - t0
     members = train_members(args, seeds, cache_dir)
-    train_seconds = time.time() - t0 - feature_seconds
 
     out = Path(args.out)
+    start = members[0]
     if len(members) > 1:
-        model_file = out / "ensemble.safetensors"
-        fold_checkpoints(members, model_file)
-    else:
-        model_file = members[0]
+        start = out / "ensemble.safetensors"
+        fold_checkpoints(members, start)
+    model_file = start
+    if config.scst_epochs:  # the self-critical stage, on the folded ensemble as one model
+        cmd = _train_command(args, out / "scst", cache_dir, "--init", str(start), "--epochs", "0")
+        print(f"self-critical stage: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        with open(out / "scst.log", "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+                sys.exit(f"the self-critical stage failed; see {out / 'scst.log'}")
+        model_file = out / "scst" / "best.safetensors"
+    train_seconds = time.time() - t0 - feature_seconds
     captioner = Captioner(load_checkpoint(model_file))
     metrics: dict[str, dict] = {}
     samples: dict[str, list] = {}
@@ -141,8 +153,8 @@ def main() -> int:
             metrics[f"dev_beam3_member_seed{seed}"] = {**scores.values, **summary}
             print(f"member seed {seed} dev beam 3: CIDEr {scores.values['CIDEr']:.3f}", file=sys.stderr)
     eval_seconds = time.time() - t1
-    epoch_seconds = 0.0  # the members' training epochs, also those of earlier runs continued with --resume
-    for member in members:
+    epoch_seconds = 0.0  # every training epoch (members, self-critical stage), also of runs continued with --resume
+    for member in members + ([model_file] if model_file != start else []):
         with open(member.parent / "metrics.csv") as f:
             epoch_seconds += sum(float(row["seconds"]) for row in csv.DictReader(f))
 
@@ -154,14 +166,14 @@ def main() -> int:
                         "config_file": "configs/flickr8k.toml", "seeds": seeds,
                         "data": "Flickr8k (Hodosh et al. 2013), standard 6000/1000/1000 split",
                         "feature_seconds": round(feature_seconds), "train_seconds": round(train_seconds),
-                        "member_epoch_seconds": round(epoch_seconds),
+                        "epoch_seconds": round(epoch_seconds),
                         "eval_seconds": round(eval_seconds)}
     meta["samples"] = samples
     meta.pop("train_state", None)
     save_checkpoint(args.dest, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=meta, half=True)
     print(json.dumps({"dest": args.dest, "size_mb": round(Path(args.dest).stat().st_size / 1e6, 2),
                       "seconds": {"features": round(feature_seconds), "members": round(train_seconds),
-                                  "member_epochs": round(epoch_seconds),
+                                  "epochs": round(epoch_seconds),
                                   "evaluation": round(eval_seconds), "total": round(time.time() - t0)},
                       "test_beam3": metrics["test_beam3"]}))
     return 0

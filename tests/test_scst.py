@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from showtell.model import CaptionModel, ModelConfig
-from showtell.scst import CiderD, sample_captions, scst_loss
+from showtell.scst import CiderD, Reward, SentenceBleu, sample_captions, scst_loss
 
 REFS = [["a dog runs on the grass", "a brown dog is running", "the dog plays in a field"],
         ["a man rides a bike", "a person on a bicycle", "a cyclist rides down the road"],
@@ -23,6 +23,26 @@ def test_rewards_equal_pycocoevalcap_cider_d():
     ours = [cider.score(c.split(), i) for i, c in enumerate(CANDIDATES)]
     assert ours == pytest.approx(list(per_image), abs=1e-9)
     assert sum(ours) / len(ours) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("candidate, refs, expected", [
+    ("a dog is running", ["a dog is running fast", "the dog runs"], 1.0),  # ties go to the shorter reference
+    ("a dog", ["a dog is running fast"], 0.22313016),  # all n-grams match, brevity penalty exp(1 - 5/2)
+    ("a cat is running", ["a dog is running"], 0.5),  # (3/4 * 2/4 * 1/3 * 1/2) ** (1/4), add-one from 2-grams
+    ("cat", ["a dog is running"], 0.0),  # no word in common
+])
+def test_sentence_bleu_by_hand(candidate, refs, expected):
+    bleu = SentenceBleu([[r.split() for r in refs]])
+    assert bleu.score(candidate.split(), 0) == pytest.approx(expected, abs=1e-7)
+
+
+def test_reward_adds_weighted_bleu_to_cider():
+    refs = [[r.split() for r in rs] for rs in REFS]
+    words = CANDIDATES[0].split()
+    cider, bleu = CiderD(refs).score(words, 0), SentenceBleu(refs).score(words, 0)
+    assert Reward(refs).score(words, 0) == pytest.approx(cider)
+    assert Reward(refs, bleu=0.5).score(words, 0) == pytest.approx(cider + 0.5 * bleu)
+    assert bleu > 0
 
 
 def _model() -> tuple[CaptionModel, list[str]]:
@@ -58,6 +78,7 @@ def test_greedy_captions_are_the_most_likely_words():
 @pytest.mark.parametrize("settings, message", [
     ({"scst_samples": 1}, "at least 2 with the mean baseline"),
     ({"scst_baseline": "median"}, "'mean' or 'greedy'"),
+    ({"scst_bleu": -1.0}, "scst_bleu must be at least 0"),
     ({"image_dropout": 1.5}, "image_dropout must be in"),
 ])
 def test_bad_settings_are_refused_before_any_work(settings, message):

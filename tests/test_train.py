@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from showtell.checkpoint import load_checkpoint
+from showtell.model import Ensemble
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +136,23 @@ def test_self_critical_stage_after_cross_entropy(run, flickr8k, feature_cache, t
     assert 0 < float(history[-1]["train_loss"]) < 10  # the mean CIDEr-D reward of the samples
     assert float(history[-1]["CIDEr"]) > 0
     assert load_checkpoint(out / "last.safetensors").meta["config"]["scst_baseline"] == baseline
+
+
+def test_self_critical_stage_of_a_folded_ensemble(run, flickr8k, feature_cache, tmp_path):
+    """--init starts from a checkpoint: two checkpoints folded into one ensemble get one self-critical epoch as
+    one model; the starting model is the one to beat, and cross-entropy on an ensemble is refused in one line."""
+    out, _ = run
+    folded = tmp_path / "ensemble.safetensors"
+    showtell("ensemble", out / "best.safetensors", out / "last.safetensors", "--out", folded)
+    args = ["train", "--dataset", "flickr8k", "--root", flickr8k, "--cache-dir", feature_cache, "--init", folded,
+            *ARGS]
+    showtell(*args, "--out", tmp_path / "scst", "--epochs", 0, "--scst-epochs", 1)
+    history = rows(tmp_path / "scst" / "metrics.csv")
+    assert [r["stage"] for r in history] == ["scst"]
+    best = load_checkpoint(tmp_path / "scst" / "best.safetensors")
+    assert isinstance(best.model, Ensemble) and len(best.model.members) == 2
+    state = best.meta["train_state"]
+    assert state["best_cider"] == pytest.approx(max(state["init_dev"]["CIDEr"], float(history[0]["CIDEr"])), abs=1e-5)
+    refused = showtell(*args, "--out", tmp_path / "xe", "--epochs", 1, check=False)
+    assert refused.returncode == 1 and "--epochs 0" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "xe" / "last.safetensors").exists()

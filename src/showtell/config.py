@@ -35,6 +35,7 @@ class TrainConfig:
     dropout: float = 0.5              # on the word embeddings and the LSTM output
     image_dropout: float | None = None  # on the projected image feature (the LSTM's first input); None: = dropout
     batch_norm: bool = False
+    init: str | None = None           # start from this checkpoint (a model or an ensemble) instead of random weights
     # optimisation
     epochs: int = 30
     batch_size: int = 64
@@ -46,13 +47,14 @@ class TrainConfig:
     flip: bool = True                 # also train on features of horizontally flipped images
     patience: int = 3                 # stop after this many epochs without a better dev CIDEr
     seed: int = 0
-    # self-critical stage after cross-entropy (0 = off): CIDEr-D reward minus a baseline
+    # self-critical stage after cross-entropy (0 = off): reward (CIDEr-D, optionally + BLEU-4) minus a baseline
     scst_epochs: int = 0
     scst_lr: float = 5e-5
     scst_samples: int = 5
     scst_batch_size: int = 50
     scst_max_length: int = 16
     scst_baseline: str = "mean"       # "mean": of the image's other samples; "greedy": its greedy caption's reward
+    scst_bleu: float = 0.0            # reward = CIDEr-D + this times the sentence BLEU-4 of the sample
     # dev evaluation after each epoch
     eval_beam_size: int = 1
     eval_max_length: int = 20
@@ -79,6 +81,8 @@ class TrainConfig:
             value = getattr(config, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ShowtellError(f"{name} must be in [0, 1), got {value!r}")
+        if not config.scst_bleu >= 0:
+            raise ShowtellError(f"scst_bleu must be at least 0, got {config.scst_bleu!r}")
         if config.scst_baseline not in ("mean", "greedy"):
             raise ShowtellError(f"scst_baseline must be 'mean' or 'greedy', got {config.scst_baseline!r}")
         if config.scst_samples < (2 if config.scst_baseline == "mean" else 1):

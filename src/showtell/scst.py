@@ -58,6 +58,47 @@ class CiderD:
         return float(total.mean() / len(self.refs[image]) * 10.0)
 
 
+class SentenceBleu:
+    """Sentence BLEU-4 of a caption against the image's references: clipped n-gram precisions with add-one
+    smoothing on 2- to 4-grams (Lin and Och 2004), brevity penalty from the closest reference length."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], n: int = 4):
+        self.n = n
+        self.refs = []
+        for refs in references:
+            clip: Counter = Counter()
+            for r in refs:
+                clip |= _ngrams(r, n)  # the most times each n-gram occurs in one reference
+            self.refs.append((clip, [len(r) for r in refs]))
+
+    def score(self, candidate: Sequence[str], image: int) -> float:
+        if not candidate:
+            return 0.0
+        clip, lengths = self.refs[image]
+        counts = _ngrams(candidate, self.n)
+        log_p = 0.0
+        for k in range(1, self.n + 1):
+            hits = sum(min(c, clip[g]) for g, c in counts.items() if len(g) == k)
+            add = int(k > 1)
+            if hits + add == 0:
+                return 0.0
+            log_p += math.log((hits + add) / (max(len(candidate) - k + 1, 0) + add))
+        ref = min(lengths, key=lambda length: (abs(length - len(candidate)), length))
+        return math.exp(log_p / self.n + min(0.0, 1 - ref / len(candidate)))
+
+
+class Reward:
+    """The self-critical reward of a caption: its CIDEr-D plus ``bleu`` times its sentence BLEU-4."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], bleu: float = 0.0):
+        self.cider, self.weight = CiderD(references), bleu
+        self.bleu = SentenceBleu(references) if bleu else None
+
+    def score(self, candidate: Sequence[str], image: int) -> float:
+        value = self.cider.score(candidate, image)
+        return value + self.weight * self.bleu.score(candidate, image) if self.bleu else value
+
+
 def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int,
                     end_id: int, banned: Sequence[int], generator: torch.Generator | None = None,
                     greedy: bool = False):
@@ -89,16 +130,17 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
     return tokens, torch.stack(logps, 1).sum(1), lengths
 
 
-def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], cider: CiderD, itos: list[str],
+def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], reward: CiderD | Reward,
+              itos: list[str],
               samples: int = 5, max_length: int = 16, end_id: int = 2, banned: Sequence[int] = (0, 1, 3),
               generator: torch.Generator | None = None, baseline: str = "mean") -> tuple[torch.Tensor, float]:
-    """The self-critical loss of one batch, and the mean CIDEr-D reward of its samples. ``baseline``: "mean",
-    each sample against the mean reward of the image's other samples; "greedy", against the reward of the
-    image's greedy caption from the model in eval mode (Rennie et al. 2017)."""
+    """The self-critical loss of one batch, and the mean reward (``reward.score(words, image)``) of its samples.
+    ``baseline``: "mean", each sample against the mean reward of the image's other samples; "greedy", against
+    the reward of the image's greedy caption from the model in eval mode (Rennie et al. 2017)."""
 
     def rewards_of(tokens: torch.Tensor, per_image: int) -> torch.Tensor:
         words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
-        return torch.tensor([cider.score(w, images[i // per_image]) for i, w in enumerate(words)])
+        return torch.tensor([reward.score(w, images[i // per_image]) for i, w in enumerate(words)])
 
     if baseline not in ("mean", "greedy") or samples < (2 if baseline == "mean" else 1):
         raise ValueError(f"scst_loss: baseline {baseline!r} with {samples} sample(s) per image")

@@ -29,7 +29,7 @@ from showtell.errors import ShowtellError
 from showtell.evaluate import generate, score_records
 from showtell.features import FeatureCache, extract_features, find_features, iter_features
 from showtell.fileio import atomic_write_text
-from showtell.model import CaptionModel, ModelConfig
+from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.vocab import Vocabulary
 
 # Settings a resumed run may change: how long it goes on, and where and how it runs.
@@ -234,13 +234,16 @@ class Trainer:
             if (self.out / "last.safetensors").exists() and not self.resume:
                 raise ShowtellError(f"{self.out} already holds a run; pass --resume to continue it or choose "
                                     "another --out")
-            captions = [cap for r in self.records["train"] for cap in r.captions]
-            self.vocab = Vocabulary.build(captions, min_count=c.min_count)
-            mc = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.info["feature_dim"], embed_dim=c.embed_dim,
-                             hidden_dim=c.hidden_dim, num_layers=c.num_layers, dropout=c.dropout,
-                             image_dropout=c.image_dropout, batch_norm=c.batch_norm)
-            torch.manual_seed(c.seed)
-            self.model = CaptionModel(mc)
+            if c.init:
+                self.vocab, self.model = self._init_model()
+            else:
+                captions = [cap for r in self.records["train"] for cap in r.captions]
+                self.vocab = Vocabulary.build(captions, min_count=c.min_count)
+                mc = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.info["feature_dim"],
+                                 embed_dim=c.embed_dim, hidden_dim=c.hidden_dim, num_layers=c.num_layers,
+                                 dropout=c.dropout, image_dropout=c.image_dropout, batch_norm=c.batch_norm)
+                torch.manual_seed(c.seed)
+                self.model = CaptionModel(mc)
             self.state = {"stage": "xe", "epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0,
                           "history": [], "train_seconds": 0.0}
             self.optim_tensors, self.encoder_tensors = {}, {}
@@ -269,6 +272,18 @@ class Trainer:
         self.items = [(i, encode(cap)) for i, r in enumerate(self.records["train"]) for cap in r.captions]
         self.sampler = LengthBucketSampler([len(t) for _, t in self.items], c.batch_size, seed=c.seed,
                                            num_replicas=self.world, rank=self.rank)
+
+    def _init_model(self) -> tuple[Vocabulary, CaptionModel | Ensemble]:
+        """The vocabulary and model of the --init checkpoint; its sizes replace the config's."""
+        c = self.config
+        ckpt = load_checkpoint(c.init)
+        if ckpt.encoder != c.encoder:
+            raise ShowtellError(f"--init {c.init} was trained on {ckpt.encoder} features, not {c.encoder}")
+        if isinstance(ckpt.model, Ensemble) and c.epochs:
+            raise ShowtellError("an ensemble trains only in the self-critical stage: pass --epochs 0 and "
+                                "--scst-epochs N with --init " + str(c.init))
+        self.say(f"starting from {c.init}")
+        return ckpt.vocab, ckpt.model
 
     # ---- one epoch -----------------------------------------------------------------------------
     def _batch_features(self, idx: list[int], rng: np.random.Generator) -> torch.Tensor:
@@ -360,18 +375,20 @@ class Trainer:
 
     def scst_epoch(self, epoch: int) -> float:
         """One epoch of self-critical training; returns the mean CIDEr-D reward of the samples."""
-        from showtell.scst import CiderD, scst_loss
+        from showtell.scst import Reward, scst_loss
         from showtell.vocab import tokenize
 
         c = self.config
-        if not hasattr(self, "cider"):
-            self.cider = CiderD([[tokenize(cap) for cap in r.captions] for r in self.records["train"]])
+        if not hasattr(self, "reward"):
+            self.reward = Reward([[tokenize(cap) for cap in r.captions] for r in self.records["train"]], c.scst_bleu)
         torch.manual_seed(c.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(c.seed * 1000 + epoch)
         rng = np.random.default_rng([c.seed, epoch])
         order = rng.permutation(len(self.records["train"]))
         use_amp, amp_dtype = _amp(c.amp, self.device)
-        self.model.train()
+        # Samples come from the model as it captions (no dropout; BatchNorm's running statistics): on Flickr8k dev
+        # this rewarded better and scored higher BLEU-4 than sampling with dropout on (docs/MODEL_CARD.md).
+        self.model.eval()
         total, n = 0.0, 0
         batches = [order[i:i + c.scst_batch_size] for i in range(0, len(order), c.scst_batch_size)]
         bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", disable=self.quiet or not self.main, leave=False)
@@ -380,7 +397,7 @@ class Trainer:
             views = rng.integers(0, feats.shape[1], size=len(idx))
             feats = feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, reward = scst_loss(self.model, feats, idx.tolist(), self.cider, self.vocab.itos,
+                loss, reward = scst_loss(self.model, feats, idx.tolist(), self.reward, self.vocab.itos,
                                          samples=c.scst_samples, max_length=c.scst_max_length,
                                          baseline=c.scst_baseline,
                                          end_id=self.vocab.end_id, generator=gen)
@@ -437,8 +454,14 @@ class Trainer:
         log = _Log(self.out) if self.main else None
         if self.state["epoch"] == 0 and self.main:
             base = self.dev_scores()
-            self.say(f"untrained model: dev CIDEr {base['CIDEr']:.3f}")
-            self.state["untrained_dev"] = base
+            if c.init:  # the starting model is the one to beat
+                self.say(f"starting model: dev CIDEr {base['CIDEr']:.3f}")
+                self.state.update(init_dev=base, best_cider=base["CIDEr"],
+                                  best_dev={k: base[k] for k in DEV_METRICS})
+                self.save("best.safetensors")
+            else:
+                self.say(f"untrained model: dev CIDEr {base['CIDEr']:.3f}")
+                self.state["untrained_dev"] = base
         while (self.state["stage"] == "xe" and self.state["epoch"] < c.epochs
                and self.state["bad_epochs"] < c.patience):
             epoch = self.state["epoch"] + 1
