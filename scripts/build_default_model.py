@@ -172,7 +172,7 @@ def main() -> int:
     meta.pop("train_state", None)
     save_checkpoint(args.dest, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=meta, half=True)
     print(json.dumps({"dest": args.dest, "size_mb": round(Path(args.dest).stat().st_size / 1e6, 2),
-                      "seconds": {"features": round(feature_seconds), "members": round(train_seconds),
+                      "seconds": {"features": round(feature_seconds), "training": round(train_seconds),
                                   "epochs": round(epoch_seconds),
                                   "evaluation": round(eval_seconds), "total": round(time.time() - t0)},
                       "test_beam3": metrics["test_beam3"]}))

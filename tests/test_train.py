@@ -140,19 +140,26 @@ def test_self_critical_stage_after_cross_entropy(run, flickr8k, feature_cache, t
 
 def test_self_critical_stage_of_a_folded_ensemble(run, flickr8k, feature_cache, tmp_path):
     """--init starts from a checkpoint: two checkpoints folded into one ensemble get one self-critical epoch as
-    one model; the starting model is the one to beat, and cross-entropy on an ensemble is refused in one line."""
+    one model; the starting model is the one to beat and its record is kept; a changed starting file, a missing
+    one and cross-entropy on an ensemble are refused in one line, before any work."""
     out, _ = run
     folded = tmp_path / "ensemble.safetensors"
     showtell("ensemble", out / "best.safetensors", out / "last.safetensors", "--out", folded)
-    args = ["train", "--dataset", "flickr8k", "--root", flickr8k, "--cache-dir", feature_cache, "--init", folded,
-            *ARGS]
-    showtell(*args, "--out", tmp_path / "scst", "--epochs", 0, "--scst-epochs", 1)
+    args = ["train", "--dataset", "flickr8k", "--root", flickr8k, "--cache-dir", feature_cache, *ARGS]
+    showtell(*args, "--init", folded, "--out", tmp_path / "scst", "--epochs", 0, "--scst-epochs", 1)
     history = rows(tmp_path / "scst" / "metrics.csv")
     assert [r["stage"] for r in history] == ["scst"]
     best = load_checkpoint(tmp_path / "scst" / "best.safetensors")
     assert isinstance(best.model, Ensemble) and len(best.model.members) == 2
+    assert [m["file"] for m in best.meta["init"]["members"]] == ["best.safetensors", "last.safetensors"]
     state = best.meta["train_state"]
     assert state["best_cider"] == pytest.approx(max(state["init_dev"]["CIDEr"], float(history[0]["CIDEr"])), abs=1e-5)
-    refused = showtell(*args, "--out", tmp_path / "xe", "--epochs", 1, check=False)
-    assert refused.returncode == 1 and "--epochs 0" in refused.stderr and "Traceback" not in refused.stderr
-    assert not (tmp_path / "xe" / "last.safetensors").exists()
+
+    showtell("ensemble", out / "last.safetensors", out / "best.safetensors", "--out", folded)  # another file now
+    changed = showtell(*args, "--init", folded, "--out", tmp_path / "scst", "--epochs", 0, "--scst-epochs", 2,
+                       "--resume", check=False)
+    assert changed.returncode == 1 and "changed since" in changed.stderr
+    for bad, message in ((folded, "--epochs 0"), (tmp_path / "missing.safetensors", "missing.safetensors")):
+        refused = showtell(*args, "--init", bad, "--out", tmp_path / "xe", "--epochs", 1, check=False)
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "xe").exists()

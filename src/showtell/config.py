@@ -35,7 +35,7 @@ class TrainConfig:
     dropout: float = 0.5              # on the word embeddings and the LSTM output
     image_dropout: float | None = None  # on the projected image feature (the LSTM's first input); None: = dropout
     batch_norm: bool = False
-    init: str | None = None           # start from this checkpoint (a model or an ensemble) instead of random weights
+    init: str | None = None           # start from this checkpoint (model or ensemble; its vocabulary and sizes)
     # optimisation
     epochs: int = 30
     batch_size: int = 64

@@ -1,6 +1,7 @@
 """Self-critical sequence training (Rennie et al. 2017): a second stage after cross-entropy that
 optimises CIDEr directly. Sample several captions per image, reward each by its CIDEr-D against
-the image's references, and use the mean reward of the image's other samples as the baseline.
+the image's references (optionally plus a weighted sentence BLEU-4), and use the mean reward of the
+image's other samples as the baseline.
 Cheap here because the image features are cached."""
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class CiderD:
 
 class SentenceBleu:
     """Sentence BLEU-4 of a caption against the image's references: clipped n-gram precisions with add-one
-    smoothing on 2- to 4-grams (Lin and Och 2004), brevity penalty from the closest reference length."""
+    smoothing on 2- to 4-grams (Lin and Och 2004), brevity penalty from the closest reference length (the
+    shorter on ties, as pycocoevalcap). Unlike NLTK's add-one variant, an n-gram order longer than the caption
+    counts as 1/1, not 1/2: such short captions are held back by the brevity penalty alone."""
 
     def __init__(self, references: Sequence[Sequence[Sequence[str]]], n: int = 4):
         self.n = n

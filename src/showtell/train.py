@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -156,6 +157,7 @@ class Trainer:
         self.rank, self.world = _distributed()
         self.device = _device(config.device)
         self.main = self.rank == 0
+        self.init = None  # (vocabulary, model, record) of the --init checkpoint, loaded by run()
 
     def say(self, msg: str) -> None:
         if self.main and not self.quiet:
@@ -224,6 +226,10 @@ class Trainer:
                 raise ShowtellError(f"--resume with different settings than the run in {self.out}: {', '.join(diff)}")
             self.vocab, self.model = ckpt.vocab, ckpt.model
             self.state = dict(ckpt.meta["train_state"])
+            started_from = self.state.get("init", {}).get("sha256")
+            if self.init and started_from and self.init[2]["sha256"] != started_from:
+                raise ShowtellError(f"--init {c.init} changed since the run in {self.out} started from it; start a "
+                                    "new run (another --out)")
             self.optim_state = self.state.pop("optimizer")
             self.optim_tensors = ckpt.tensors("optimizer/")
             self.encoder_tensors = ckpt.tensors("encoder/")
@@ -235,7 +241,7 @@ class Trainer:
                 raise ShowtellError(f"{self.out} already holds a run; pass --resume to continue it or choose "
                                     "another --out")
             if c.init:
-                self.vocab, self.model = self._init_model()
+                self.vocab, self.model, record = self.init
             else:
                 captions = [cap for r in self.records["train"] for cap in r.captions]
                 self.vocab = Vocabulary.build(captions, min_count=c.min_count)
@@ -245,7 +251,7 @@ class Trainer:
                 torch.manual_seed(c.seed)
                 self.model = CaptionModel(mc)
             self.state = {"stage": "xe", "epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                          "history": [], "train_seconds": 0.0}
+                          "history": [], "train_seconds": 0.0, **({"init": record} if c.init else {})}
             self.optim_tensors, self.encoder_tensors = {}, {}
         self.model.to(self.device)
         self.encoder = None
@@ -273,17 +279,23 @@ class Trainer:
         self.sampler = LengthBucketSampler([len(t) for _, t in self.items], c.batch_size, seed=c.seed,
                                            num_replicas=self.world, rank=self.rank)
 
-    def _init_model(self) -> tuple[Vocabulary, CaptionModel | Ensemble]:
-        """The vocabulary and model of the --init checkpoint; its sizes replace the config's."""
+    def _load_init(self) -> tuple[Vocabulary, CaptionModel | Ensemble, dict] | None:
+        """The vocabulary and model of the --init checkpoint (its sizes and vocabulary replace the config's) and
+        a record of it (file, sha256, an ensemble's members), checked before any work; None when resuming."""
         c = self.config
+        if not c.init or (self.resume and (self.out / "last.safetensors").is_file() and not Path(c.init).is_file()):
+            return None
         ckpt = load_checkpoint(c.init)
         if ckpt.encoder != c.encoder:
             raise ShowtellError(f"--init {c.init} was trained on {ckpt.encoder} features, not {c.encoder}")
+        if ckpt.tensors("encoder/"):
+            raise ShowtellError(f"--init {c.init} has a fine-tuned encoder, which --init does not carry over")
         if isinstance(ckpt.model, Ensemble) and c.epochs:
             raise ShowtellError("an ensemble trains only in the self-critical stage: pass --epochs 0 and "
                                 "--scst-epochs N with --init " + str(c.init))
-        self.say(f"starting from {c.init}")
-        return ckpt.vocab, ckpt.model
+        record = {"file": str(c.init), "sha256": hashlib.sha256(Path(c.init).read_bytes()).hexdigest(),
+                  **{k: ckpt.meta[k] for k in ("members", "training") if k in ckpt.meta}}
+        return ckpt.vocab, ckpt.model, record
 
     # ---- one epoch -----------------------------------------------------------------------------
     def _batch_features(self, idx: list[int], rng: np.random.Generator) -> torch.Tensor:
@@ -362,7 +374,8 @@ class Trainer:
         meta = {"config": self.config.to_dict(), "train_state": self.state,
                 "metrics": {"dev": self.state.get("best_dev", {})},
                 "training": {"command": " ".join(["showtell", *sys.argv[1:]]), "data": self.config.root,
-                             "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"]}}
+                             "best_epoch": self.state["best_epoch"], "epochs": self.state["epoch"]},
+                **({"init": self.state["init"]} if "init" in self.state else {})}
         extra = {}
         if optimizer:
             tensors, ometa = _optimizer_tensors(self.optimizer)
@@ -374,7 +387,7 @@ class Trainer:
                         meta=meta, extra_tensors=extra)
 
     def scst_epoch(self, epoch: int) -> float:
-        """One epoch of self-critical training; returns the mean CIDEr-D reward of the samples."""
+        """One epoch of self-critical training; returns the mean reward of the samples."""
         from showtell.scst import Reward, scst_loss
         from showtell.vocab import tokenize
 
@@ -445,6 +458,9 @@ class Trainer:
         c = self.config
         if c.scst_epochs and self.world > 1:  # before any work, on every rank
             raise ShowtellError("self-critical training runs in one process; drop --scst-epochs under torchrun")
+        self.init = self._load_init()  # a bad --init is one line before the slow feature stage
+        if self.init:
+            self.say(f"starting from {c.init}")
         self.prepare()  # reads and checks the data first: a bad dataset leaves no empty run folder behind
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
