@@ -26,11 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def seeds_of(config_file: str) -> list[int]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    seeds = tomllib.loads(Path(config_file).read_text(encoding="utf-8")).get("ensemble", {}).get("seeds", [0])
+    from showtell.config import read_toml
+
+    seeds = read_toml(config_file).get("ensemble", {}).get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
             or len(set(seeds)) != len(seeds):
         sys.exit(f"{config_file}: [ensemble] seeds must be a list of distinct integers")

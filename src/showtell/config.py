@@ -14,6 +14,20 @@ from showtell.errors import ShowtellError
 DEFAULT_ENCODER = "efficientnet_lite2"
 
 
+def read_toml(path: str | os.PathLike) -> dict:
+    """A whole TOML file; a missing or invalid file is a one-line ShowtellError."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShowtellError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ShowtellError(f"{path}: invalid TOML ({e})") from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every training setting. CLI flags and a TOML file map onto these fields."""
@@ -93,16 +107,7 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> dict:
         """The settings in a TOML file (flat, or under a [train] table), as a dict to merge."""
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ShowtellError(f"{path}: no such config file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ShowtellError(f"{path}: invalid TOML ({e})") from None
+        data = read_toml(path)
         data = data.get("train", data)
         cls.from_dict({**asdict(cls()), **data})  # validate names early
         return data

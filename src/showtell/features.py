@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from showtell.errors import ImageError, ShowtellError
-from showtell.fileio import atomic_path, atomic_write_text
+from showtell.fileio import atomic_path, atomic_write_text, sha256_file
 from showtell.images import load_image
 
 FORMAT = "showtell-features"
@@ -50,14 +50,6 @@ def _fingerprint(encoder: str, preprocess: dict, flip: bool, images: list[Path])
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -196,7 +188,7 @@ def find_features(images: list[str | os.PathLike], encoder_name: str, cache_dir:
 
 
 def _intact(path: Path, manifest: dict | None) -> bool:
-    return bool(manifest and manifest.get("complete") and manifest.get("sha256") == _sha256_file(path / "features.npy"))
+    return bool(manifest and manifest.get("complete") and manifest.get("sha256") == sha256_file(path / "features.npy"))
 
 
 def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_dir: str | os.PathLike | None = None,
@@ -255,6 +247,6 @@ def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_d
         bar.close()
         del out
     manifest["complete"] = True
-    manifest["sha256"] = _sha256_file(path / "features.npy")
+    manifest["sha256"] = sha256_file(path / "features.npy")
     atomic_write_text(manifest_path, json.dumps(manifest))
     return _open(path, manifest)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from showtell.encoders import encoder_info
 from showtell.errors import ShowtellError
 from showtell.evaluate import generate, score_records
 from showtell.features import FeatureCache, extract_features, find_features, iter_features
-from showtell.fileio import atomic_write_text
+from showtell.fileio import atomic_write_text, sha256_file
 from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.vocab import Vocabulary
 
@@ -293,7 +292,7 @@ class Trainer:
         if isinstance(ckpt.model, Ensemble) and c.epochs:
             raise ShowtellError("an ensemble trains only in the self-critical stage: pass --epochs 0 and "
                                 "--scst-epochs N with --init " + str(c.init))
-        record = {"file": str(c.init), "sha256": hashlib.sha256(Path(c.init).read_bytes()).hexdigest(),
+        record = {"file": str(c.init), "sha256": sha256_file(c.init),
                   **{k: ckpt.meta[k] for k in ("members", "training") if k in ckpt.meta}}
         return ckpt.vocab, ckpt.model, record
 
