@@ -44,6 +44,38 @@ def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, photos,
     assert a == b
 
 
+def test_fp16_and_int8_weights_are_smaller_close_and_stable(tiny_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from showtell.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    full = ckpt.model.state_dict()
+    sizes = {}
+    for weights in ("fp32", "fp16", "int8"):
+        path = tmp_path / f"{weights}.safetensors"
+        save_checkpoint(path, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, weights=weights)
+        sizes[weights] = path.stat().st_size
+        loaded = load_checkpoint(path).model.state_dict()
+        assert loaded.keys() == full.keys()
+        for k, v in full.items():
+            if v.is_floating_point():  # int8: within half a step of the row's scale (its largest value / 127)
+                bound = 0 if weights == "fp32" else (1e-3 * v.abs().max() if weights == "fp16" or v.dim() != 2
+                                                     else v.abs().amax(dim=1, keepdim=True) / 254 + 1e-7)
+                assert ((loaded[k] - v).abs() <= bound).all(), (weights, k)
+    assert sizes["int8"] < 0.3 * sizes["fp32"] and sizes["fp16"] < 0.55 * sizes["fp32"]
+    stored = load_file(str(tmp_path / "int8.safetensors"))
+    assert stored["head.weight"].dtype == torch.int8 and stored["head.bias"].dtype == torch.float16
+    # quantizing the dequantized weights again gives the same file contents (re-packaging loses nothing more)
+    again = tmp_path / "again.safetensors"
+    reloaded = load_checkpoint(tmp_path / "int8.safetensors")
+    save_checkpoint(again, reloaded.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, weights="int8")
+    assert all(torch.equal(stored[k], v) for k, v in load_file(str(again)).items())
+    with pytest.raises(Exception, match="choose one of fp32, fp16, int8"):
+        save_checkpoint(again, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, weights="bf16")
+
+
 @pytest.mark.parametrize("content, match", [
     (b"", "not a safetensors checkpoint"),
     (b"\x80\x04\x95" + b"pickle" * 20, "not a safetensors checkpoint"),
@@ -122,7 +154,7 @@ def test_ensemble_cli_folds_checkpoints_into_one_that_captions(tiny_checkpoint, 
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta={"training": {"seed": 3}})
     out = tmp_path / "ens.safetensors"
-    run = showtell_cli("ensemble", tiny_checkpoint, other, "--out", out, "--half")
+    run = showtell_cli("ensemble", tiny_checkpoint, other, "--out", out, "--weights", "int8")
     assert run.returncode == 0, run.stderr
     assert "an ensemble of 2 models" in run.stdout
     folded = load_checkpoint(out)

@@ -5,6 +5,9 @@ its preprocessing, and whatever the trainer adds (config, summary, metrics). Loa
 nothing else. Extra tensors ride along under a prefix: ``optimizer/`` (training state for
 ``--resume``, in ``last.safetensors`` only) and ``encoder/`` (an encoder whose last stage was
 fine-tuned).
+
+Model weights are stored as fp32, fp16, or int8: each weight matrix as int8 with one fp32 scale per row
+(``<name>.int8_scale``; symmetric, the row's largest magnitude maps to 127), vectors as fp16. Loading gives fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from showtell.vocab import Vocabulary
 FORMAT = "showtell-checkpoint"
 FORMAT_VERSION = 1
 EXTRA_PREFIXES = ("optimizer/", "encoder/")
+WEIGHTS = ("fp32", "fp16", "int8")
+INT8_SCALE = ".int8_scale"
 
 
 @dataclass
@@ -44,14 +49,23 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, model: CaptionModel | Ensemble, vocab: Vocabulary, encoder: str,
                     preprocess: dict, meta: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
-                    half: bool = False) -> None:
-    """Write the checkpoint atomically (temp file + rename). ``half`` stores float weights as fp16."""
+                    weights: str = "fp32") -> None:
+    """Write the checkpoint atomically (temp file + rename), the model weights as ``weights`` (see WEIGHTS)."""
     if len(vocab) != model.config.vocab_size:
         raise ShowtellError(f"vocabulary has {len(vocab)} tokens but the model expects {model.config.vocab_size}")
+    if weights not in WEIGHTS:
+        raise ShowtellError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     tensors = {}
     for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        tensors[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
+        v = v.detach().cpu().contiguous()
+        if not v.is_floating_point() or weights == "fp32":
+            tensors[k] = v
+        elif weights == "int8" and v.dim() == 2:
+            scale = v.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            tensors[k] = torch.round(v.float() / scale).to(torch.int8)
+            tensors[k + INT8_SCALE] = scale
+        else:
+            tensors[k] = v.half()
     for k, v in (extra_tensors or {}).items():
         if not k.startswith(EXTRA_PREFIXES):
             raise ValueError(f"extra tensor {k!r} must start with one of {EXTRA_PREFIXES}")
@@ -131,7 +145,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
                               f"{config.vocab_size}")
     extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
     weights = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-               if not k.startswith(EXTRA_PREFIXES)}
+               if not k.startswith(EXTRA_PREFIXES) and not k.endswith(INT8_SCALE)}
+    for k, v in weights.items():
+        if v.dtype == torch.int8:  # an int8 weight matrix: dequantize with its per-row scale
+            if k + INT8_SCALE not in tensors:
+                raise CheckpointError(f"{path}: int8 weight {k} has no {k + INT8_SCALE}")
+            weights[k] = v.float() * tensors[k + INT8_SCALE].float()
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
@@ -142,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
 
 
 def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, meta: dict | None = None,
-                     half: bool = False) -> Checkpoint:
+                     weights: str = "fp32") -> Checkpoint:
     """Fold trained checkpoints (one model config, vocabulary and encoder) into one ensemble checkpoint at ``out``.
     Its metadata is the first member's, updated by ``meta``, with each member's file name and training record."""
     if len(paths) < 2:
@@ -164,5 +183,5 @@ def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, met
     info["members"] = [{"file": Path(p).name, **{k: c.meta[k] for k in per_member if k in c.meta}}
                        for p, c in zip(paths, ckpts)]
     save_checkpoint(out, model, first.vocab, first.encoder, first.preprocess, meta={**info, **(meta or {})},
-                    half=half)
+                    weights=weights)
     return load_checkpoint(out)

@@ -254,7 +254,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from showtell.checkpoint import fold_checkpoints
 
-    ckpt = fold_checkpoints(args.models, args.out, meta={"name": args.name or Path(args.out).stem}, half=args.half)
+    ckpt = fold_checkpoints(args.models, args.out, meta={"name": args.name or Path(args.out).stem},
+                             weights=args.weights)
     print(f"wrote {args.out}: an ensemble of {len(ckpt.model.members)} models")
     return 0
 
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("models", nargs="+", help="checkpoint files (same data, vocabulary and encoder)")
     ens.add_argument("--out", required=True, help="ensemble checkpoint to write")
     ens.add_argument("--name", help="model name (default: the file name)")
-    ens.add_argument("--half", action="store_true", help="store the weights as fp16 (half the size)")
+    ens.add_argument("--weights", choices=("fp32", "fp16", "int8"), default="fp32",
+                     help="store the weights as fp32 (default), fp16 (half the size) or int8 (a quarter)")
     ens.set_defaults(func=cmd_ensemble)
     return parser
 
