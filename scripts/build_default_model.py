@@ -5,9 +5,9 @@
 Reads configs/flickr8k.toml: the [train] settings of one model and the [ensemble] seeds. Extracts and caches the
 features once, trains one model per seed with cross-entropy (``showtell train``, ``--jobs`` at a time, one thread
 each), folds the members' best dev checkpoints into one ensemble checkpoint, trains that with the self-critical
-stage (``showtell train --init ... --epochs 0``), stores its weights as int8 (``--weights``), evaluates that on the
-dev and test splits with beam 1/3/5, and writes it with that record (command, data, metrics) to
-src/showtell/weights/flickr8k.safetensors.
+stage (``showtell train --init ... --epochs 0``, its best epoch picked by dev CIDEr with beam 3), stores its
+weights as int8 (``--weights``), evaluates that on the dev and test splits with beam 1/3/5, and writes it with that
+record (command, data, metrics) to src/showtell/weights/flickr8k.safetensors.
 ``--resume`` continues interrupted runs and skips finished ones.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BEAM = 3  # the beam showtell captions, evaluates and serves with by default: the self-critical epoch is picked by it
 
 
 def seeds_of(config_file: str) -> list[int]:
@@ -126,7 +127,8 @@ def main() -> int:
         fold_checkpoints(members, start)
     model_file = start
     if config.scst_epochs:  # the self-critical stage, on the folded ensemble as one model
-        cmd = _train_command(args, out / "scst", cache_dir, "--init", str(start), "--epochs", "0")
+        cmd = _train_command(args, out / "scst", cache_dir, "--init", str(start), "--epochs", "0",
+                             "--eval-beam-size", str(BEAM))
         print(f"self-critical stage: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         with open(out / "scst.log", "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
