@@ -74,6 +74,16 @@ def test_fp16_and_int8_weights_are_smaller_close_and_stable(tiny_checkpoint, tmp
     assert all(torch.equal(stored[k], v) for k, v in load_file(str(again)).items())
     with pytest.raises(Exception, match="choose one of fp32, fp16, int8"):
         save_checkpoint(again, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, weights="bf16")
+    # an int8 matrix without its scales is a broken file, said in one line
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(again), framework="pt") as f:
+        metadata = f.metadata()
+    broken = tmp_path / "broken.safetensors"
+    save_file({k: v for k, v in stored.items() if k != "head.weight.int8_scale"}, str(broken), metadata=metadata)
+    with pytest.raises(CheckpointError, match="head.weight has no head.weight.int8_scale"):
+        load_checkpoint(broken)
 
 
 @pytest.mark.parametrize("content, match", [
