@@ -84,7 +84,7 @@ def _schedule(args, out: Path, waiting: list[int], running: dict, jobs: int, env
 
 def main() -> int:
     from showtell.captioner import WEIGHTS_DIR, Captioner
-    from showtell.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
+    from showtell.checkpoint import WEIGHTS, fold_checkpoints, load_checkpoint, save_checkpoint
     from showtell.datasets import load_corpus
     from showtell.decoding import DecodingOptions
     from showtell.errors import ShowtellError
@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--dest", default=str(WEIGHTS_DIR / "flickr8k.safetensors"))
     p.add_argument("--jobs", type=int, default=2, help="members trained at once (default 2: one per core)")
-    p.add_argument("--weights", choices=("fp32", "fp16", "int8"), default="int8",
+    p.add_argument("--weights", choices=WEIGHTS, default="int8",
                    help="how the shipped file stores its weights (default int8: the smallest; evaluated as stored)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
@@ -139,7 +139,8 @@ def main() -> int:
     ckpt = load_checkpoint(model_file)
     save_checkpoint(packed, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=ckpt.meta,
                     weights=args.weights)
-    captioner = Captioner(load_checkpoint(packed))
+    shipped = load_checkpoint(packed)
+    captioner = Captioner(shipped)
     metrics: dict[str, dict] = {}
     samples: dict[str, list] = {}
     t1 = time.time()
@@ -165,8 +166,7 @@ def main() -> int:
         with open(member.parent / "metrics.csv") as f:
             epoch_seconds += sum(float(row["seconds"]) for row in csv.DictReader(f))
 
-    ckpt = load_checkpoint(packed)
-    meta = dict(ckpt.meta)
+    meta = dict(shipped.meta)
     meta["name"] = "flickr8k"
     meta["metrics"] = {**metrics, "scored_with": "showtell evaluate (pycocoevalcap scorers, PTB tokenizer)"}
     meta["training"] = {**meta.get("training", {}), "command": "python scripts/build_default_model.py",
@@ -177,7 +177,8 @@ def main() -> int:
                         "eval_seconds": round(eval_seconds)}
     meta["samples"] = samples
     meta.pop("train_state", None)
-    save_checkpoint(args.dest, ckpt.model, ckpt.vocab, ckpt.encoder, ckpt.preprocess, meta=meta, weights=args.weights)
+    save_checkpoint(args.dest, shipped.model, shipped.vocab, shipped.encoder, shipped.preprocess, meta=meta,
+                    weights=args.weights)
     print(json.dumps({"dest": args.dest, "size_mb": round(Path(args.dest).stat().st_size / 1e6, 2),
                       "seconds": {"features": round(feature_seconds), "training": round(train_seconds),
                                   "epochs": round(epoch_seconds),

@@ -61,8 +61,9 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionModel | Ensemble, voc
         if not v.is_floating_point() or weights == "fp32":
             tensors[k] = v
         elif weights == "int8" and v.dim() == 2:
-            scale = v.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-            tensors[k] = torch.round(v.float() / scale).to(torch.int8)
+            v = v.float()
+            scale = v.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            tensors[k] = torch.round(v / scale).to(torch.int8)
             tensors[k + INT8_SCALE] = scale
         else:
             tensors[k] = v.half()

@@ -134,9 +134,9 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
 
 
 def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], reward: CiderD | Reward,
-              itos: list[str],
-              samples: int = 5, max_length: int = 16, end_id: int = 2, banned: Sequence[int] = (0, 1, 3),
-              generator: torch.Generator | None = None, baseline: str = "mean") -> tuple[torch.Tensor, float]:
+              itos: list[str], samples: int = 5, max_length: int = 16, end_id: int = 2,
+              banned: Sequence[int] = (0, 1, 3), generator: torch.Generator | None = None,
+              baseline: str = "mean") -> tuple[torch.Tensor, float]:
     """The self-critical loss of one batch, and the mean reward (``reward.score(words, image)``) of its samples.
     ``baseline``: "mean", each sample against the mean reward of the image's other samples; "greedy", against
     the reward of the image's greedy caption from the model in eval mode (Rennie et al. 2017)."""
