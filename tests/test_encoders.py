@@ -22,7 +22,7 @@ from showtell.encoders import (
 )
 from showtell.errors import ShowtellError
 
-NAMES = ["efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101", "resnet152"]
+NAMES = ["efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite0+2", "resnet50", "resnet101", "resnet152"]
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 
@@ -40,10 +40,12 @@ def _batch(enc: Encoder, *arrays: np.ndarray) -> torch.Tensor:
 def _last_stage_prefixes(name: str) -> tuple[str, ...]:
     if name.startswith("resnet"):
         return ("backbone.layer4.",)
+    if name == "efficientnet_lite0+2":
+        return tuple(f"parts.{i}.{p}" for i in (0, 1) for p in _last_stage_prefixes("efficientnet_lite2"))
     return ("model.blocks.6.", "model.conv_head.", "model.bn2.")
 
 
-def test_registry_lists_five_encoders_with_their_preprocessing() -> None:
+def test_registry_lists_six_encoders_with_their_preprocessing() -> None:
     assert list_encoders() == NAMES
     assert DEFAULT_ENCODER == "efficientnet_lite2"
     info = encoder_info("efficientnet_lite2")
@@ -53,6 +55,8 @@ def test_registry_lists_five_encoders_with_their_preprocessing() -> None:
         "size": 260, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
     }
     assert encoder_info("efficientnet_lite0")["preprocess"]["size"] == 224
+    pair = encoder_info("efficientnet_lite0+2")
+    assert pair["feature_dim"] == 2560 and pair["offline"] is True and pair["preprocess"] == info["preprocess"]
     res = encoder_info("resnet50")
     assert res["feature_dim"] == 2048 and res["offline"] is False
     assert res["preprocess"]["crop_pct"] == 0.875 and res["preprocess"]["interpolation"] == "bilinear"
@@ -76,6 +80,16 @@ def test_offline_weights_are_imagenet_weights(lite: dict[str, Encoder], name: st
     assert coffee_top5[0] == ESPRESSO and not CAT_CLASSES & set(coffee_top5), coffee_top5
     assert probs[1, ESPRESSO] > 0.8
     assert probs[0, list(CAT_CLASSES)].sum() > 0.6
+
+
+def test_paired_encoder_gives_both_networks_features_side_by_side(lite: dict[str, Encoder]) -> None:
+    pair = create_encoder("efficientnet_lite0+2")
+    x = _batch(pair, skdata.chelsea(), skdata.coffee())  # 260 x 260: both networks see the same pixels
+    with torch.inference_mode():
+        feats = pair(x)
+        expected = torch.cat([lite["efficientnet_lite0"](x), lite["efficientnet_lite2"](x)], dim=-1)
+        assert torch.allclose(feats, expected, atol=1e-5)
+        assert torch.equal(pair.classify(x), lite["efficientnet_lite2"].classify(x))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,7 +120,7 @@ def test_train_mode_keeps_frozen_batchnorm_in_eval(name: str) -> None:
     assert bns and not any(m.training for m in bns)
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite2", "resnet50"])
+@pytest.mark.parametrize("name", ["efficientnet_lite2", "efficientnet_lite0+2", "resnet50"])
 def test_fine_tune_unfreezes_exactly_the_last_stage(name: str) -> None:
     enc = create_encoder(name, pretrained=False, fine_tune=True)
     prefixes = _last_stage_prefixes(name)

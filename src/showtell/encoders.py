@@ -21,7 +21,7 @@ from torch import nn
 from showtell.config import DEFAULT_ENCODER
 from showtell.errors import ShowtellError
 
-OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite2")
+OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite0+2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
@@ -193,6 +193,24 @@ class ResNetEncoder(Encoder):
         return [self.backbone.layer4]
 
 
+class ConcatEncoder(Encoder):
+    """Several encoders on the same input; their features side by side (classify: the last one's)."""
+
+    def __init__(self, name: str, preprocess: Preprocess, parts: list[Encoder]) -> None:
+        super().__init__(name, sum(p.feature_dim for p in parts), preprocess)
+        self.parts = nn.ModuleList(parts)
+        self._finish()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p._features(images).float() for p in self.parts], dim=-1)
+
+    def _classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.parts[-1]._classify(images)
+
+    def _last_stage(self) -> list[nn.Module]:
+        return [m for p in self.parts for m in p._last_stage()]
+
+
 def _download(name: str, build: Callable[[], nn.Module]) -> nn.Module:
     """Run a builder that may download weights; no network -> one clear ShowtellError, quickly."""
     old = socket.getdefaulttimeout()
@@ -263,6 +281,16 @@ def _lite(name: str, variant: int, size: int) -> _Spec:
     return _Spec(1280, pre, build)
 
 
+def _lite_pair(name: str, variants: tuple[int, ...], size: int) -> _Spec:
+    pre = Preprocess(size=size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
+
+    def build(pretrained: bool) -> Encoder:
+        parts = [_lite(f"efficientnet_lite{v}", v, size).build(pretrained) for v in variants]
+        return ConcatEncoder(name, pre, parts)
+
+    return _Spec(1280 * len(variants), pre, build)
+
+
 def _resnet(name: str) -> _Spec:
     pre = Preprocess(size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
     return _Spec(2048, pre, lambda pretrained: ResNetEncoder(name, pre, pretrained))
@@ -271,6 +299,7 @@ def _resnet(name: str) -> _Spec:
 _REGISTRY: dict[str, _Spec] = {
     "efficientnet_lite0": _lite("efficientnet_lite0", 0, 224),
     "efficientnet_lite2": _lite("efficientnet_lite2", 2, 260),
+    "efficientnet_lite0+2": _lite_pair("efficientnet_lite0+2", (0, 2), 260),
     "resnet50": _resnet("resnet50"),
     "resnet101": _resnet("resnet101"),
     "resnet152": _resnet("resnet152"),
