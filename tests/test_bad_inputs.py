@@ -466,11 +466,6 @@ def test_caption_output_that_cannot_be_written_is_one_line(tiny_checkpoint, phot
 
 
 def test_ctrl_c_exits_130_with_one_line(forty_photos, tiny_checkpoint):
-    # 400 photos (hard links): the run lasts seconds, so it is still going when the signal comes even on a busy
-    # machine (with 40 a CI run once finished them all between the first line and the signal)
-    for p in list(forty_photos.iterdir()):
-        for i in range(9):
-            os.link(p, forty_photos / f"{p.stem}_{i}.jpg")
     proc = subprocess.Popen([sys.executable, "-m", "showtell", "caption", str(forty_photos), "--model",
                              str(tiny_checkpoint), "--batch-size", "2", "--beam-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -480,4 +475,4 @@ def test_ctrl_c_exits_130_with_one_line(forty_photos, tiny_checkpoint):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr == "showtell: interrupted\n"
-    assert len(stdout.splitlines()) < 399  # it stopped, it did not run to the end
+    assert len(stdout.splitlines()) < 39  # it stopped, it did not run to the end
