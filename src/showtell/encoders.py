@@ -202,7 +202,7 @@ class ConcatEncoder(Encoder):
         self._finish()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p._features(images).float() for p in self.parts], dim=-1)
+        return torch.cat([p._features(images) for p in self.parts], dim=-1)  # forward() casts
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.parts[-1]._classify(images)
@@ -282,13 +282,13 @@ def _lite(name: str, variant: int, size: int) -> _Spec:
 
 
 def _lite_pair(name: str, variants: tuple[int, ...], size: int) -> _Spec:
-    pre = Preprocess(size=size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
+    parts = [_lite(f"efficientnet_lite{v}", v, size) for v in variants]  # one preprocessing: the same input
+    pre = parts[0].preprocess
 
     def build(pretrained: bool) -> Encoder:
-        parts = [_lite(f"efficientnet_lite{v}", v, size).build(pretrained) for v in variants]
-        return ConcatEncoder(name, pre, parts)
+        return ConcatEncoder(name, pre, [part.build(pretrained) for part in parts])
 
-    return _Spec(1280 * len(variants), pre, build)
+    return _Spec(sum(part.feature_dim for part in parts), pre, build)
 
 
 def _resnet(name: str) -> _Spec:
