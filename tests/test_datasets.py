@@ -88,6 +88,17 @@ def test_csv_kaggle_captions_txt(tmp_path):
     assert {r.split for r in corpus.records} == {hash_split("x.jpg"), hash_split("y.jpg")}
 
 
+def test_csv_captions_csv_is_found_beside_other_csv_files(tmp_path):
+    make_images(tmp_path / "images", ["x.jpg"])
+    (tmp_path / "captions.csv").write_text("image,caption,split\nx.jpg,A red train,dev\n")
+    (tmp_path / "objects.csv").write_text("image,object,imagenet\nx.jpg,train,466\n")
+    corpus = load_corpus("csv", tmp_path)
+    assert [(r.image.name, r.captions, r.split) for r in corpus.records] == [("x.jpg", ("A red train",), "dev")]
+    (tmp_path / "captions.csv").rename(tmp_path / "other.csv")
+    with pytest.raises(DataError, match="several caption CSV files"):
+        load_corpus("csv", tmp_path)
+
+
 def test_csv_flickr30k_pipe_and_split_column(tmp_path):
     make_images(tmp_path / "imgs", ["1.jpg", "2.jpg"])
     (tmp_path / "results.csv").write_text("image_name| comment_number| comment\n1.jpg| 0| A man\n2.jpg| 0| A kid\n")

@@ -314,7 +314,8 @@ def load_corpus(fmt: str, root: str | Path, captions: str | Path | None = None,
     if fmt == "flickr8k":
         return read_flickr8k(root)
     if fmt == "csv":
-        cap = Path(captions) if captions else _find(root, ("captions.txt", "results.csv", "*.csv"), "caption CSV")
+        cap = Path(captions) if captions else _find(root, ("captions.txt", "captions.csv", "results.csv", "*.csv"),
+                                                    "caption CSV")
         img = Path(images) if images else next(
             (root / d for d in ("Images", "images", "flickr30k_images") if (root / d).is_dir()), root)
         return read_csv(cap, img, split)
