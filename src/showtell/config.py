@@ -5,7 +5,10 @@ Kept free of torch imports, so the CLI can list the flags without loading torch.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -81,33 +84,85 @@ class TrainConfig:
     amp: bool = True                  # mixed precision: fp16 on CUDA, bf16 on CPUs that support it
     num_workers: int = 1
 
+    def __post_init__(self) -> None:
+        _check_values(asdict(self))
+        if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
+            raise ShowtellError(f"scst_samples must be at least {2 if self.scst_baseline == 'mean' else 1} with "
+                                f"the {self.scst_baseline} baseline, got {self.scst_samples}")
+        if self.epochs == 0 and not self.init:
+            raise ShowtellError(("the self-critical stage (scst_epochs) needs a trained model to start from: "
+                                 if self.scst_epochs else "nothing to train: ")
+                                + "epochs is 0 and no init checkpoint is given (--epochs N, or --init FILE)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ShowtellError(f"unknown training setting(s): {', '.join(unknown)}")
-        config = cls(**d)
-        for name in ("dropout", "image_dropout", "label_smoothing"):
-            value = getattr(config, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ShowtellError(f"{name} must be in [0, 1), got {value!r}")
-        if not config.scst_bleu >= 0:
-            raise ShowtellError(f"scst_bleu must be at least 0, got {config.scst_bleu!r}")
-        if config.scst_baseline not in ("mean", "greedy"):
-            raise ShowtellError(f"scst_baseline must be 'mean' or 'greedy', got {config.scst_baseline!r}")
-        if config.scst_samples < (2 if config.scst_baseline == "mean" else 1):
-            raise ShowtellError(f"scst_samples must be at least {2 if config.scst_baseline == 'mean' else 1} with "
-                                f"the {config.scst_baseline} baseline, got {config.scst_samples}")
-        return config
+        """Settings by name; an unknown name, a value of the wrong type or out of range is one ShowtellError."""
+        _check_names(d)
+        return cls(**d)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> dict:
-        """The settings in a TOML file (flat, or under a [train] table), as a dict to merge."""
+        """The settings in a TOML file (flat, or under a [train] table), as a dict to merge; names, types and
+        ranges are checked here (the error names the file), combinations once merged (``from_dict``)."""
         data = read_toml(path)
         data = data.get("train", data)
-        cls.from_dict({**asdict(cls()), **data})  # validate names early
+        try:
+            if not isinstance(data, dict):
+                raise ShowtellError(f"[train] must be a table of settings, got {reprlib.repr(data)}")
+            _check_names(data)
+            _check_values(data)
+        except ShowtellError as e:
+            raise ShowtellError(f"{path}: {e}") from None
         return data
+
+
+# Range checks, by setting (type checks come from the field annotations). The decoding bounds also bound the CLI's
+# --beam-size and --max-length (torch-free here, so the CLI checks them before torch loads).
+MAX_BEAM_SIZE = 32
+MAX_LENGTH = 100
+_AT_LEAST = {"limit": 1, "min_count": 1, "max_words": 1, "embed_dim": 1, "hidden_dim": 1, "num_layers": 1,
+             "epochs": 0, "batch_size": 1, "patience": 1, "seed": 0, "scst_epochs": 0, "scst_samples": 1,
+             "scst_batch_size": 1, "scst_max_length": 1, "eval_beam_size": 1, "eval_max_length": 1, "num_workers": 0}
+_AT_MOST = {"eval_beam_size": MAX_BEAM_SIZE, "eval_max_length": MAX_LENGTH, "scst_max_length": MAX_LENGTH}
+_POSITIVE = ("lr", "scst_lr", "lr_decay", "grad_clip")      # finite and > 0
+_NOT_NEGATIVE = ("weight_decay", "scst_bleu")               # finite and >= 0
+_FRACTION = ("dropout", "image_dropout", "label_smoothing")  # in [0, 1)
+_CHOICES = {"scst_baseline": ("mean", "greedy")}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+_KINDS = {"int": (int, "a whole number"), "float": ((int, float), "a number"), "str": (str, "a string"),
+          "bool": (bool, "true or false")}
+
+
+def _check_names(d: dict) -> None:
+    unknown = sorted(set(d) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ShowtellError(f"unknown training setting(s): {', '.join(map(str, unknown))}")
+
+
+def _check_values(d: dict) -> None:
+    """Each setting in ``d`` has its field's type and a sensible value, or one ShowtellError names it."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in d.items():
+        kind, _, rest = types[name].partition(" |")
+        if value is None and "None" in rest:
+            continue
+        cls, words = _KINDS[kind]
+        if not isinstance(value, cls) or (isinstance(value, bool) and kind != "bool"):
+            raise ShowtellError(f"{name} must be {words}{' or unset' if 'None' in rest else ''}, "
+                                f"got {reprlib.repr(value)}")
+        if name in _AT_LEAST and value < _AT_LEAST[name] or name in _AT_MOST and value > _AT_MOST[name]:
+            top = f" to {_AT_MOST[name]}" if name in _AT_MOST else " or more"
+            raise ShowtellError(f"{name} must be {_AT_LEAST[name]}{top}, got {value}")
+        if name in _POSITIVE and not (math.isfinite(value) and value > 0):
+            raise ShowtellError(f"{name} must be a number above 0, got {value}")
+        if name in _NOT_NEGATIVE and not (math.isfinite(value) and value >= 0):
+            raise ShowtellError(f"{name} must be at least 0, got {value}")
+        if name in _FRACTION and not 0 <= value < 1:
+            raise ShowtellError(f"{name} must be in [0, 1), got {value}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ShowtellError(f"{name} must be {' or '.join(map(repr, _CHOICES[name]))}, got {value!r}")
+        if name == "device" and not _DEVICE.fullmatch(value):
+            raise ShowtellError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")

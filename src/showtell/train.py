@@ -60,7 +60,12 @@ def _amp(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)  # the name's form is checked by TrainConfig; here, that the device is present
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ShowtellError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ShowtellError(f"device {name!r}: no Apple MPS device on this machine")
+    return device
 
 
 class _Log:
@@ -477,6 +482,7 @@ class Trainer:
             else:
                 self.say(f"untrained model: dev CIDEr {base['CIDEr']:.3f}")
                 self.state["untrained_dev"] = base
+        trained = len(self.state["history"])
         while (self.state["stage"] == "xe" and self.state["epoch"] < c.epochs
                and self.state["bad_epochs"] < c.patience):
             epoch = self.state["epoch"] + 1
@@ -505,7 +511,17 @@ class Trainer:
                 reward = self.scst_epoch(epoch)
                 self._end_epoch(epoch, reward, time.time() - t0, log)
         if self.main:
-            plot = log.plot(self.state["history"]) if self.state["history"] else None
-            self.say(f"best dev CIDEr {self.state['best_cider']:.3f} at epoch {self.state['best_epoch']}; "
-                     f"checkpoints in {self.out}" + (f"; plot {plot}" if plot else ""))
+            self.say(self._summary(len(self.state["history"]) - trained, log))
         return self.state
+
+    def _summary(self, trained: int, log: _Log) -> str:
+        """The last line of a run: what it trained and where the checkpoints are; honest when nothing was trained."""
+        s = self.state
+        if not s["history"]:  # no epoch at all: only a starting model (--init, --epochs 0) was scored
+            return (f"no epoch trained; the starting model {self.config.init} scores dev CIDEr {s['best_cider']:.3f} "
+                    f"(best.safetensors in {self.out} is a copy of it)")
+        plot = log.plot(s["history"])
+        where = "the starting model" if s["best_epoch"] == 0 else f"epoch {s['best_epoch']}"
+        return ("" if trained else f"nothing left to train after epoch {s['epoch']}; ") + (
+            f"best dev CIDEr {s['best_cider']:.3f} at {where}; checkpoints in {self.out}"
+            + (f"; plot {plot}" if plot else ""))
