@@ -363,9 +363,9 @@ print(json.dumps(results))
 """
 
 
-def showtell_many(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+def showtell_many(argvs: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
     run = subprocess.run([sys.executable, "-c", MANY_RUNS, json.dumps(argvs)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, **kwargs)
     assert run.returncode == 0, run.stderr
     return [subprocess.CompletedProcess(argv, code, out, err) for argv, (code, out, err)
             in zip(argvs, json.loads(run.stdout))]
@@ -458,7 +458,7 @@ def test_drop_torn_tail(tmp_path):
 
 def test_caption_output_that_cannot_be_written_is_one_line(tiny_checkpoint, photos, tmp_path):
     cases = [(tmp_path / "no" / "such" / "dir" / "out.jsonl", [], "cannot write (No such file or directory)"),
-             (tmp_path, [], "cannot write (Is a directory)"), (tmp_path, ["--resume"], "cannot read (Is a directory)")]
+             (tmp_path, [], "cannot write (Is a directory)"), (tmp_path, ["--resume"], "cannot write (Is a directory)")]
     outs = showtell_many([["caption", str(photos / "coffee.jpg"), "--model", str(tiny_checkpoint), "--format",
                            "jsonl", "--output", str(output), *extra] for output, extra, _ in cases])
     for (output, _, message), out in zip(cases, outs):

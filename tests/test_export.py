@@ -190,9 +190,11 @@ def test_onnx_caption_cli_runs_without_torch(tiny_export, tiny_checkpoint, photo
                           "--format", "jsonl", "--beam-size", "3"], capture_output=True, text=True)
     assert run.returncode == 1, run.stderr  # one unreadable image
     assert run.stderr.strip() == f"showtell: error: {bad}: not an image file (unrecognised format)"
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    *rows, failed = [json.loads(line) for line in run.stdout.splitlines()]  # a row for every input
     expected = showtell.load(tiny_checkpoint).caption(images[:-1], beam_size=3)
     assert [(r["image"], r["caption"]) for r in rows] == [(r.image, r.caption) for r in expected]
+    assert failed == {"image": str(bad), "caption": None, "score": None,
+                      "error": f"{bad}: not an image file (unrecognised format)"}
 
 
 def test_onnx_runtime_errors_are_one_line(tiny_checkpoint, photos, tmp_path):

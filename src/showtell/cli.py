@@ -3,15 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from showtell import __version__
+from showtell.config import MAX_BEAM_SIZE, MAX_LENGTH
 from showtell.errors import ShowtellError
 
 FLICKR8K_ENV = "SHOWTELL_FLICKR8K"
+MAX_BATCH_SIZE = 256  # images a batch for caption / features
+
+
+class _UsageError(Exception):
+    """A command line argparse refused; main() prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors one line (``showtell: error: ...``) in place of the usage block and message."""
+
+    def error(self, message: str):
+        raise _UsageError(message, self.prog)
+
+
+def _count(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}" if high is not None
+                                             else f"must be {low} or more, got {value}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _usage_line(message: str, prog: str, argv: list[str]) -> str:
+    """argparse's complaint as one line; a path that starts with '-' (taken for an option) gets the way out."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    unknown = message.split(": ", 1)[1].split() if message.startswith("unrecognized arguments: ") else []
+    dashed = [a for a in head if a.startswith("-") and len(a) > 1 and (a in unknown or os.path.exists(a))]
+    hint = (f"; a path that starts with '-' goes after `--`: showtell {' '.join(head[:1])} [OPTIONS] -- {dashed[0]}"
+            if dashed else "")
+    if unknown and argv and not argv[0].startswith("-"):  # said by the top parser of the subcommand's arguments
+        prog = f"showtell {argv[0]}"
+    return f"showtell: error: {message}{hint} (see {prog} --help)"
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -89,23 +140,115 @@ def _drop_torn_tail(output: str) -> int:
         raise ShowtellError(f"{output}: cannot read ({e.strerror})") from None
 
 
+# How `caption --format text` writes a path (or caption) on its line; the same form names files in messages.
+_TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+JSONL_START = b'{"image": '  # every line of --format jsonl starts so (json.dumps keeps the key order)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: backslash, TAB, newline, CR as \\\\, \\t, \\n, \\r; bytes that are not UTF-8 as \\xNN."""
+    from showtell.fileio import display_name
+
+    return display_name(text.translate(_TEXT_ESCAPES))
+
+
+def _result_line(r, fmt: str) -> str:
+    if fmt == "text":
+        return f"{one_line(r.image)}\t{one_line(r.caption)}\n"
+    row = {"image": r.image, "caption": r.caption, "score": None if r.score is None else round(r.score, 4)}
+    # json.dumps writes a name that is not UTF-8 with \udcNN escapes: json.loads and os.fsencode give its bytes back
+    return json.dumps({**row, "error": r.error} if r.error else row) + "\n"
+
+
+def _looks_like_results(path: str, formats: tuple[str, ...]) -> bool:
+    """Whether the file at ``path`` is empty or starts like a results file of ours in one of ``formats``: a jsonl
+    first line starts with {"image": (or is a torn start of that), a text first line is UTF-8 holding a TAB."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    first = head.split(b"\n", 1)[0]
+    if not head or "jsonl" in formats and (first.startswith(JSONL_START) or JSONL_START.startswith(head)):
+        return True
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "text" in formats and b"\t" in first and b"\0" not in first
+
+
+def _check_outputs(args: argparse.Namespace, paths: list[str]) -> None:
+    """Refuse, before any work, an --output or --html that would destroy a file: one of the input images (also
+    through a hard link or symlink), a folder or a place that cannot be written, or an existing file that is not
+    output of ours (--output: a results file, see _looks_like_results, --resume: a jsonl one; --html: a gallery)."""
+    from showtell.fileio import check_writable
+
+    targets = [(flag, path) for flag, path in (("--output", args.output), ("--html", args.html)) if path]
+    if not targets:
+        return
+    inodes, missing = set(), set()  # the inputs: the files (by inode), and the paths of those not there
+    for p in paths:
+        try:
+            st = os.stat(p)
+            inodes.add((st.st_dev, st.st_ino))
+        except OSError:
+            missing.add(os.path.realpath(p))
+    if args.output and args.html and os.path.realpath(args.output) == os.path.realpath(args.html):
+        raise ShowtellError(f"{args.output}: --output and --html name the same file")
+    for flag, path in targets:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if (st.st_dev, st.st_ino) in inodes if st else os.path.realpath(path) in missing:
+            raise ShowtellError(f"{path}: is one of the input images; {flag} would overwrite it")
+        check_writable(path, replace=flag == "--html")
+        if not (st and os.path.isfile(path) and st.st_size):
+            continue  # new, empty, or not a regular file (/dev/null, a pipe): nothing to lose
+        try:
+            if flag == "--html":
+                from showtell.report import is_gallery
+
+                ours, kind = is_gallery(path), "a showtell gallery"
+            elif args.resume:
+                ours, kind = _looks_like_results(path, ("jsonl",)), "a showtell jsonl results file"
+            else:
+                ours, kind = _looks_like_results(path, ("jsonl", "text")), "a showtell results file"
+        except OSError as e:
+            raise ShowtellError(f"{path}: cannot read ({e.strerror})") from None
+        if not ours:
+            raise ShowtellError(f"{path}: exists and is not {kind}; {flag} will not "
+                                + ("append to" if args.resume and flag == "--output" else "overwrite") + " it")
+
+
+def _write(out, text: str) -> None:
+    """One record out in one write, flushed; a full disk or another write error is one line."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if out is sys.stdout:  # nothing more can go there, also not at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise ShowtellError(f"{out.name}: cannot write ({e.strerror}); the lines written before stay") from None
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from showtell.images import expand_paths
+    from showtell.result import CaptionResult
 
     paths, empty_dirs = [], []
     for arg in args.paths:
         found = [str(p) for p in expand_paths([arg])]
         if not found and os.path.isdir(arg):
-            empty_dirs.append(arg)
+            empty_dirs.append(CaptionResult(arg, error=f"{arg}: a folder with no image files in it, not an image"))
         paths.extend(found)
     if not paths:
         raise ShowtellError("no images found in " + " ".join(args.paths))
     if args.resume and not (args.output and args.format == "jsonl"):
         raise ShowtellError("--resume needs --output FILE with --format jsonl")
-    for arg in empty_dirs:  # e.g. a folder named photo.jpg: say so rather than skip it silently
-        print(f"showtell: error: {arg}: a folder with no image files in it, not an image", file=sys.stderr)
+    _check_outputs(args, paths)
     if args.resume and _drop_torn_tail(args.output):
-        print(f"showtell: warning: dropped a partial last line of {args.output} (an interrupted write)",
+        print(f"showtell: warning: dropped a partial last line of {one_line(args.output)} (an interrupted write)",
               file=sys.stderr)
     done = _done_images(args.output) if args.resume else set()
     todo = [p for p in paths if p not in done]
@@ -121,29 +264,35 @@ def cmd_caption(args: argparse.Namespace) -> int:
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     except OSError as e:
         raise ShowtellError(f"{args.output}: cannot write ({e.strerror})") from None
-    results, failures = [], len(empty_dirs)
+    gallery, failures = [], 0
     try:
-        for r in captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
-                                        batch_size=args.batch_size):
-            if r.error:
+        results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
+                                         batch_size=args.batch_size)
+        for r in itertools.chain(empty_dirs, results):
+            if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
                 failures += 1
-                print(f"showtell: error: {r.error}", file=sys.stderr)
-                continue
-            results.append(r)
-            if args.format == "jsonl":
-                out.write(json.dumps({"image": r.image, "caption": r.caption, "score": round(r.score, 4)}) + "\n")
-            else:
-                out.write(f"{r.image}\t{r.caption}\n")
-            out.flush()
+                print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
+            if r.caption is not None or args.format == "jsonl":
+                _write(out, _result_line(r, args.format))
+            if args.html:
+                gallery.append(r)
     finally:
         if out is not sys.stdout:
-            out.close()
-    if args.html:
+            try:
+                out.close()
+            except OSError:  # the write error is being reported already
+                pass
+    if args.html:  # after the results are out: a failure here loses no caption
         from showtell.report import write_gallery
 
-        write_gallery(args.html, results)
+        try:
+            write_gallery(args.html, gallery)
+        except OSError as e:
+            raise ShowtellError(f"{args.html}: cannot write the gallery ({e.strerror}); the captions were "
+                                "written") from None
     if done:
-        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {args.output}", file=sys.stderr)
+        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {one_line(args.output)}",
+              file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -184,9 +333,11 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args)  # every setting checked before torch loads, and before any data is read
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ShowtellError(f"{args.out}: is a file; --out names the run folder (made if missing)")
     from showtell.train import Trainer
 
-    config = _train_config(args)
     Trainer(config, args.out, quiet=args.quiet, resume=args.resume).run()
     return 0
 
@@ -261,7 +412,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="showtell", description="Show-and-Tell image captioning: caption, train, evaluate, serve.")
     parser.add_argument("--version", action="version", version=f"showtell {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -279,14 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--model", help="checkpoint file (default: the built-in model); --runtime onnx: export folder")
     cap.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                      help="onnx: run a `showtell export` folder with onnxruntime, without torch (default torch)")
-    cap.add_argument("--beam-size", type=int, default=3, help="beam width; 1 = greedy (default 3)")
-    cap.add_argument("--max-length", type=int, default=20, help="most words in a caption (default 20)")
-    cap.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    cap.add_argument("--beam-size", type=_count(1, MAX_BEAM_SIZE), default=3,
+                     help=f"beam width, 1-{MAX_BEAM_SIZE}; 1 = greedy (default 3)")
+    cap.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20,
+                     help=f"most words in a caption, 1-{MAX_LENGTH} (default 20)")
+    cap.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=16,
+                     help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 16)")
     cap.add_argument("--format", choices=("text", "jsonl"), default="text",
-                     help="text: path<TAB>caption lines; jsonl: one JSON object a line")
-    cap.add_argument("--output", help="write results to this file instead of stdout")
-    cap.add_argument("--resume", action="store_true", help="append to --output, skipping images already in it")
-    cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery")
+                     help="text: path<TAB>caption lines, one per captioned photo; a backslash, TAB, newline or CR "
+                          "in a path is written \\\\, \\t, \\n, \\r and a byte that is not UTF-8 as \\xNN (so "
+                          "are paths in messages). jsonl: one JSON object a line, {\"image\", \"caption\", "
+                          "\"score\"}, or for a photo that failed {\"image\", \"caption\": null, \"score\": null, "
+                          "\"error\"}; a path byte that is not UTF-8 is a \\udcNN escape (Python: os.fsencode() "
+                          "of the name gives the bytes back)")
+    cap.add_argument("--output", help="write results to this file instead of stdout; an existing file is "
+                     "overwritten only if it is empty or a showtell results file (a jsonl first line starts with "
+                     "{\"image\": , a text one is UTF-8 with a TAB), never one of the input images")
+    cap.add_argument("--resume", action="store_true",
+                     help="append to --output (a showtell jsonl file), skipping images already captioned in it "
+                          "(failed ones are tried again)")
+    cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery (after the results); "
+                     "an existing FILE is replaced only if it is a showtell gallery")
     cap.set_defaults(func=cmd_caption)
 
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
@@ -309,10 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="checkpoint file (default: the built-in model)")
     _add_dataset_args(ev)
     ev.add_argument("--split", default="test", help="split to score (default test)")
-    ev.add_argument("--beam-size", type=int, default=3)
-    ev.add_argument("--max-length", type=int, default=20)
-    ev.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha (default: mean log-prob)")
-    ev.add_argument("--limit", type=int, help="first N images of the split")
+    ev.add_argument("--beam-size", type=_count(1, MAX_BEAM_SIZE), default=3, help=f"1-{MAX_BEAM_SIZE} (default 3)")
+    ev.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20, help=f"1-{MAX_LENGTH} (default 20)")
+    ev.add_argument("--length-penalty", type=_finite, default=None, help="GNMT alpha (default: mean log-prob)")
+    ev.add_argument("--limit", type=_count(1), help="first N images of the split")
     ev.add_argument("--cache-dir", help="feature cache folder")
     ev.add_argument("--results", help="write COCO-format results JSON here")
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line at the end")
@@ -324,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--encoder", default=None, help="encoder name (default efficientnet_lite2)")
     feat.add_argument("--splits", default="train,dev,test", help="comma-separated splits")
     feat.add_argument("--flip", action="store_true", help="also the horizontally flipped images")
-    feat.add_argument("--limit", type=int)
-    feat.add_argument("--batch-size", type=int, default=32)
+    feat.add_argument("--limit", type=_count(1), help="first N images of each split")
+    feat.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=32,
+                      help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 32)")
     feat.add_argument("--cache-dir")
     feat.add_argument("--quiet", action="store_true")
     feat.set_defaults(func=cmd_features)
@@ -355,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(one_line(_usage_line(*e.args, argv)), file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -365,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ShowtellError as e:
-        print(f"showtell: error: {e}", file=sys.stderr)
+        print(f"showtell: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("showtell: interrupted", file=sys.stderr)

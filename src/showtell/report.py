@@ -10,10 +10,12 @@ from html import escape
 from typing import Any
 
 from showtell.errors import ImageError
-from showtell.fileio import atomic_write_text
+from showtell.fileio import atomic_write_text, display_name
 from showtell.images import ImageInput, load_image
 
 THUMBNAIL_PX = 256
+# In every gallery's head: `showtell caption --html` replaces an existing file only when it carries this line.
+GENERATOR = '<meta name="generator" content="showtell">'
 
 _STYLE = """
 body { margin: 2rem; font: 16px/1.45 system-ui, sans-serif; color: #1d1d1f; background: #f6f6f8; }
@@ -41,14 +43,14 @@ def thumbnail_data_uri(src: ImageInput, size: int = THUMBNAIL_PX) -> str | None:
 
 
 def _figure(result: Any) -> str:
-    name = escape(str(result.image))
+    name = escape(display_name(str(result.image)))  # a file name that is not UTF-8 shows its odd bytes as \xNN
     parts = ["<figure>"]
     uri = thumbnail_data_uri(result.image) if isinstance(result.image, (str, os.PathLike)) else None
     if uri:
         parts.append(f'<img src="{uri}" alt="{name}">')
     parts.append(f'<figcaption><div class="name">{name}</div>')
     if result.error:
-        parts.append(f'<div class="error">{escape(result.error)}</div>')
+        parts.append(f'<div class="error">{escape(display_name(result.error))}</div>')
     else:
         parts.append(f'<div class="caption">{escape(result.caption or "")}'
                      f' <span class="score">({result.score:.2f})</span></div>')
@@ -64,7 +66,7 @@ def render_gallery(results: Iterable[Any], title: str = "showtell captions") -> 
     """The gallery page as a string (results are CaptionResult-like: image, caption, score, alternatives, error)."""
     figures = "\n".join(_figure(r) for r in results)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">{GENERATOR}'
             f"<title>{escape(title)}</title><style>{_STYLE}</style></head>\n"
             f'<body><h1>{escape(title)}</h1>\n<div class="grid">\n{figures}\n</div></body></html>\n')
 
@@ -72,3 +74,9 @@ def render_gallery(results: Iterable[Any], title: str = "showtell captions") -> 
 def write_gallery(path: str | os.PathLike, results: Iterable[Any], title: str = "showtell captions") -> None:
     """Write the gallery to ``path`` atomically (a reader never sees half a file)."""
     atomic_write_text(path, render_gallery(results, title))
+
+
+def is_gallery(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a gallery this module wrote (its head carries ``GENERATOR``)."""
+    with open(path, "rb") as f:
+        return GENERATOR.encode() in f.read(1024)
