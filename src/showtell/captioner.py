@@ -9,8 +9,8 @@ import torch
 
 from showtell.checkpoint import Checkpoint, load_checkpoint
 from showtell.decoding import DecodingOptions, decode
-from showtell.errors import CheckpointError, ImageError, ShowtellError
-from showtell.images import ImageInput, load_image
+from showtell.errors import CheckpointError, ShowtellError
+from showtell.images import ImageInput, prepare
 from showtell.result import BatchCaptioning
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -31,7 +31,7 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
 
 
 class Captioner(BatchCaptioning):
-    """A checkpoint with its encoder, ready to caption paths, PIL images or bytes."""
+    """A checkpoint with its encoder, ready to caption paths, bytes, PIL images or numpy arrays (see ``load_image``)."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None):
         from showtell.encoders import Preprocess, create_encoder
@@ -61,10 +61,7 @@ class Captioner(BatchCaptioning):
         return self.checkpoint.meta
 
     def _load(self, src: ImageInput) -> torch.Tensor | str:
-        try:
-            return self.transform(load_image(src))
-        except ImageError as e:
-            return str(e)
+        return prepare(src, self.transform)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         from showtell.features import encode

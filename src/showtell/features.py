@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from showtell.errors import ImageError, ShowtellError
+from showtell.errors import ShowtellError
 from showtell.fileio import atomic_path, atomic_write_text, sha256_file
-from showtell.images import load_image
+from showtell.images import prepare
 
 FORMAT = "showtell-features"
 FORMAT_VERSION = 1
@@ -80,11 +80,10 @@ class _ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         row = self.rows[i]
-        try:
-            img = load_image(self.images[row])
-        except ImageError as e:
-            return row, None, str(e)
-        views = [self.transform(img)]
+        x = prepare(self.images[row], self.transform)
+        if isinstance(x, str):
+            return row, None, x
+        views = [x]
         if self.flip:
             views.append(torch.flip(views[0], dims=[2]))
         return row, torch.stack(views), None

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from showtell.errors import ImageError, ShowtellError
-from showtell.images import ImageInput, load_image
+from showtell.errors import ShowtellError
+from showtell.images import ImageInput, prepare
 from showtell.result import BatchCaptioning
 from showtell.vocab import Vocabulary
 
@@ -230,10 +230,7 @@ class OnnxCaptioner(BatchCaptioning):
         return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in hyps]
 
     def _load(self, src: ImageInput) -> np.ndarray | str:
-        try:
-            return self.preprocess(load_image(src))
-        except ImageError as e:
-            return str(e)
+        return prepare(src, self.preprocess)
 
     def _stack(self, arrays: list) -> np.ndarray:
         return np.stack(arrays)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from showtell.images import ImageInput, describe
+from showtell.images import ImageInput, check_image_input, describe, is_image_input
 
 
 @dataclass
@@ -53,11 +52,13 @@ class BatchCaptioning:
 
     def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
                      batch_size: int = 16, num_return: int = 1, **decoding) -> Iterator[CaptionResult]:
-        """Caption images batch by batch, yielding results in input order as they are ready."""
+        """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
+        that is not an image raises TypeError when it is reached (see :func:`showtell.images.load_image`)."""
         options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
         batch: list[ImageInput] = []
         with ThreadPoolExecutor(max_workers=2) as pool:
             for src in images:
+                check_image_input(src)
                 batch.append(src)
                 if len(batch) == batch_size:
                     yield from self._caption_batch(batch, options, pool)
@@ -80,8 +81,11 @@ class BatchCaptioning:
                 results[i].alternatives = beams[1:]
         return results
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], **kwargs) -> list[CaptionResult]:
-        """Caption one image or a list of them; a bad image gets ``error`` set, the others are captioned."""
-        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            images = [images]
+    def caption(self, images: ImageInput | Iterable[ImageInput], **kwargs) -> list[CaptionResult]:
+        """Caption one image or a list (or iterator) of them; an unreadable image gets ``error`` set, the others
+        are captioned. Anything :func:`showtell.images.load_image` takes (a path, bytes, bytearray, memoryview, PIL
+        image, numpy array) is one image. An element of any other type raises TypeError before any work."""
+        images = [images] if is_image_input(images) or not isinstance(images, (Sequence, Iterator)) else list(images)
+        for src in images:
+            check_image_input(src)
         return list(self.iter_caption(images, **kwargs))
