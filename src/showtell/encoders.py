@@ -11,7 +11,7 @@ import importlib
 import socket
 import urllib.error
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,12 +20,12 @@ from torch import nn
 
 from showtell.config import DEFAULT_ENCODER
 from showtell.errors import ShowtellError
+from showtell.limits import check_preprocess
 
 OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite0+2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
-_INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,8 @@ class Preprocess:
     crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _INTERPOLATIONS:
-            choices = ", ".join(_INTERPOLATIONS)
-            raise ShowtellError(f"unknown interpolation {self.interpolation!r}; use one of {choices}")
-        if self.size <= 0 or not 0.0 < self.crop_pct <= 1.0:
-            raise ShowtellError(f"bad preprocessing: size={self.size}, crop_pct={self.crop_pct}")
+        # types and bounds (showtell.limits): a checkpoint's record is untrusted
+        check_preprocess({f.name: getattr(self, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,16 +49,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        try:
-            return cls(
-                size=int(d["size"]),
-                interpolation=str(d["interpolation"]),
-                mean=tuple(float(v) for v in d["mean"]),
-                std=tuple(float(v) for v in d["std"]),
-                crop_pct=float(d.get("crop_pct", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ShowtellError(f"bad preprocessing record {d!r}: {e}") from None
+        return cls(**check_preprocess(d))
 
     def transform(self, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> normalized float tensor [3, size, size].

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from showtell.errors import ShowtellError
+from showtell.limits import MAX_DIM, MAX_LAYERS, MAX_MEMBERS, MAX_VOCAB_SIZE, check_int
 
 State = tuple[Tensor, Tensor]  # LSTM (h, c), each [num_layers, B, hidden_dim]
 
@@ -37,13 +38,11 @@ class ModelConfig:
     batch_norm: bool = False  # BatchNorm1d after the image projection (yunjey's pytorch-tutorial layout)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ShowtellError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.vocab_size < 4:
-            raise ShowtellError(f"model config: vocab_size must be at least 4 (<pad> <start> <end> <unk>), "
-                                f"got {self.vocab_size}")
+        # bounded (showtell.limits), so that a checkpoint cannot ask for a model that exhausts memory;
+        # vocab_size >= 4: <pad> <start> <end> <unk>
+        for name, low, high in (("vocab_size", 4, MAX_VOCAB_SIZE), ("feature_dim", 1, MAX_DIM),
+                                ("embed_dim", 1, MAX_DIM), ("hidden_dim", 1, MAX_DIM), ("num_layers", 1, MAX_LAYERS)):
+            check_int(f"model config: {name}", getattr(self, name), low, high)
         for name in ("dropout", "image_dropout"):
             value = getattr(self, name)
             if value is None and name == "image_dropout":
@@ -83,6 +82,25 @@ class CaptionModel(nn.Module):
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.head = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    @staticmethod
+    def state_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of ``state_dict()``, from the config alone: what a checkpoint must store, known
+        before building anything (a meta-device model would do, but its first use imports torch._dynamo, ~3 s)."""
+        shapes: dict[str, tuple[int, ...]] = {"image_proj.weight": (c.embed_dim, c.feature_dim),
+                                              "image_proj.bias": (c.embed_dim,)}
+        if c.batch_norm:
+            norm = ("weight", "bias", "running_mean", "running_var")
+            shapes.update({f"image_norm.{k}": (c.embed_dim,) for k in norm})
+            shapes["image_norm.num_batches_tracked"] = ()
+        shapes["embed.weight"] = (c.vocab_size, c.embed_dim)
+        gates = 4 * c.hidden_dim
+        for k in range(c.num_layers):
+            shapes.update({f"lstm.weight_ih_l{k}": (gates, c.embed_dim if k == 0 else c.hidden_dim),
+                           f"lstm.weight_hh_l{k}": (gates, c.hidden_dim),
+                           f"lstm.bias_ih_l{k}": (gates,), f"lstm.bias_hh_l{k}": (gates,)})
+        shapes.update({"head.weight": (c.vocab_size, c.hidden_dim), "head.bias": (c.vocab_size,)})
+        return shapes
 
     def _image_input(self, features: Tensor) -> Tensor:
         """[B, feature_dim] -> the LSTM's first input [B, 1, embed_dim]."""
@@ -136,8 +154,15 @@ class Ensemble(nn.Module):
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 2:
             raise ShowtellError(f"an ensemble needs at least 2 members, got {members!r}")
+        if members > MAX_MEMBERS:
+            raise ShowtellError(f"an ensemble of {members} members; at most {MAX_MEMBERS} are supported")
         self.config = config
         self.members = nn.ModuleList(CaptionModel(config) for _ in range(members))
+
+    @staticmethod
+    def state_shapes(config: ModelConfig, members: int) -> dict[str, tuple[int, ...]]:
+        one = CaptionModel.state_shapes(config)
+        return {f"members.{i}.{k}": shape for i in range(members) for k, shape in one.items()}
 
     @classmethod
     def of(cls, models: list[CaptionModel]) -> Ensemble:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from showtell.errors import ShowtellError
+from showtell.limits import MAX_VOCAB_SIZE, is_int
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -101,7 +102,12 @@ class Vocabulary:
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ShowtellError("vocabulary 'tokens' must be a list of strings")
-        return cls(tokens, min_count=data.get("min_count"))
+        if len(tokens) > MAX_VOCAB_SIZE:
+            raise ShowtellError(f"vocabulary has {len(tokens)} tokens; at most {MAX_VOCAB_SIZE} are supported")
+        min_count = data.get("min_count")
+        if min_count is not None and not is_int(min_count):
+            raise ShowtellError(f"vocabulary 'min_count' must be an integer or null, got {type(min_count).__name__}")
+        return cls(tokens, min_count=min_count)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
