@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from showtell.errors import CheckpointError, ShowtellError
 from showtell.fileio import atomic_path
+from showtell.limits import MAX_HEADER_BYTES, MAX_MEMBERS, check_int, check_preprocess
 from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.vocab import Vocabulary
 
@@ -97,6 +98,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if pickled and head[8:9] != b"{":
         raise CheckpointError(f"{path}: not a safetensors checkpoint but a pickle (torch.save) file; showtell "
                               "never unpickles files, as that can run code")
+    header_bytes = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and header_bytes > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: checkpoint header is {header_bytes / 2**20:.0f} MiB; showtell reads at most "
+                              f"{MAX_HEADER_BYTES // 2**20} MiB of metadata")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("showtell")
@@ -110,7 +115,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: a safetensors file but not a showtell checkpoint (no 'showtell' metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise CheckpointError(f"{path}: checkpoint metadata is nested too deeply to be a showtell checkpoint") from None
+    except ValueError:  # JSONDecodeError, or an integer of more than 4300 digits
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -127,38 +134,101 @@ def _version() -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
-    """Rebuild the model, vocabulary and encoder description from one file."""
+    """Rebuild the model, vocabulary and encoder description from one file.
+
+    The file is untrusted. Before anything is built or read, every metadata field is checked (types, and the
+    bounds of ``showtell.limits``) and the model it describes must have exactly the names and shapes of the
+    tensors stored, so memory stays in proportion to the file. Weights that are not finite are refused.
+    """
     meta = dict(read_metadata(path))
-    try:
-        tensors = load_file(str(path), device=map_location)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read weights ({str(e).splitlines()[0][:120]})") from None
     try:
         vocab = Vocabulary.from_dict(meta.pop("vocab"))
         config = ModelConfig.from_dict(meta.pop("model"))
         members = meta.pop("ensemble", None)
-        model = CaptionModel(config) if members is None else Ensemble(config, members)
+        if members is not None:
+            check_int("ensemble", members, 2, MAX_MEMBERS)
         encoder, preprocess = meta.pop("encoder"), meta.pop("preprocess")
-    except (KeyError, TypeError, ShowtellError) as e:
-        raise CheckpointError(f"{path}: incomplete or invalid checkpoint metadata ({e})") from None
+        if not isinstance(encoder, str):
+            raise ShowtellError(f"encoder must be a name, got {type(encoder).__name__}")
+        check_preprocess(preprocess)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint metadata (no {e})") from None
+    except ShowtellError as e:
+        raise CheckpointError(f"{path}: invalid checkpoint metadata: {e}") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens but the model config says "
                               f"{config.vocab_size}")
-    extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-               if not k.startswith(EXTRA_PREFIXES) and not k.endswith(INT8_SCALE)}
-    for k, v in weights.items():
-        if v.dtype == torch.int8:  # an int8 weight matrix: dequantize with its per-row scale
-            if k + INT8_SCALE not in tensors:
-                raise CheckpointError(f"{path}: int8 weight {k} has no {k + INT8_SCALE}")
-            weights[k] = v.float() * tensors[k + INT8_SCALE].float()
+    shapes = CaptionModel.state_shapes(config) if members is None else Ensemble.state_shapes(config, members)
+    _check_stored(path, shapes)  # from the file's header: nothing is built or read before this passes
     try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: weights do not match the stored model config ({detail[:200]})") from None
+        tensors = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({str(e).splitlines()[0][:120]})") from None
+    weights = {}
+    for k, v in tensors.items():
+        if k.endswith(INT8_SCALE) or k.startswith("optimizer/"):
+            continue
+        if v.dtype == torch.int8:  # a weight matrix (extra tensors are floats): dequantize with its per-row scale
+            v = v.float() * tensors[k + INT8_SCALE].float()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k} has values that are not finite (NaN or infinite); the "
+                                  "checkpoint is corrupt or its training diverged")
+        if not k.startswith(EXTRA_PREFIXES):
+            weights[k] = v.float() if v.is_floating_point() else v
+    model = CaptionModel(config) if members is None else Ensemble(config, members)
+    model.load_state_dict(weights, strict=True)  # the checked names and shapes
     model.eval()
+    extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
     return Checkpoint(model, vocab, encoder, preprocess, meta, extra)
+
+
+_FLOATS = ("F32", "F16", "BF16", "F64")
+
+
+def _check_stored(path: str | os.PathLike, expected: dict[str, tuple[int, ...]]) -> None:
+    """The tensors in the file (names, dtypes and shapes from its header, nothing read) must be exactly the
+    model's ``expected`` ones, each as floats or an int8 matrix with its scales (BatchNorm's counter an int64);
+    extra tensors are floats or integer counters."""
+    from safetensors import safe_open
+
+    stored = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                info = f.get_slice(k)
+                stored[k] = (info.get_dtype(), list(info.get_shape()))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({str(e).splitlines()[0][:120]})") from None
+
+    def mismatch(detail: str) -> CheckpointError:
+        return CheckpointError(f"{path}: weights do not match the stored model config ({detail})")
+
+    names = {k for k in stored if not k.startswith(EXTRA_PREFIXES) and not k.endswith(INT8_SCALE)}
+    for what, keys in (("missing", expected.keys() - names), ("unexpected", names - expected.keys())):
+        if keys:
+            shown = sorted(keys)[:3]
+            raise mismatch(f"{what} tensor(s) {', '.join(shown)}{' ...' if len(keys) > 3 else ''}")
+    for k, want in expected.items():
+        dtype, shape = stored[k]
+        if shape != list(want):
+            raise mismatch(f"size mismatch for {k}: the file has {shape}, the config makes {list(want)}")
+        if k.endswith(".num_batches_tracked"):
+            if dtype != "I64":
+                raise mismatch(f"{k} is {dtype}, not I64")
+        elif dtype == "I8" and len(shape) == 2:
+            scale = stored.get(k + INT8_SCALE)
+            if scale is None:
+                raise CheckpointError(f"{path}: int8 weight {k} has no {k + INT8_SCALE}")
+            if scale[0] not in _FLOATS or scale[1] != [shape[0], 1]:
+                raise mismatch(f"{k + INT8_SCALE} is {scale[0]} {scale[1]}, not a float [{shape[0]}, 1]")
+        elif dtype not in _FLOATS:
+            raise mismatch(f"{k} is {dtype}; weights are stored as floats or int8 matrices")
+    for k, (dtype, _) in stored.items():
+        if k.startswith(EXTRA_PREFIXES):
+            if dtype not in (*_FLOATS, "I64"):
+                raise CheckpointError(f"{path}: extra tensor {k} is {dtype}, not a float tensor or counter")
+        elif k.endswith(INT8_SCALE) and stored.get(k[:-len(INT8_SCALE)], ("",))[0] != "I8":
+            raise mismatch(f"{k} scales no int8 weight")
 
 
 def fold_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, meta: dict | None = None,
