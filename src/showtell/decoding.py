@@ -11,6 +11,7 @@ A caption that never emits <end> is still returned after `max_length` words, mar
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from showtell.errors import ShowtellError
+from showtell.limits import MAX_BEAM_SIZE, MAX_LENGTH, is_int, is_real
 
 State = tuple[Tensor, ...]  # tensors with the batch in dimension 1, like an LSTM's (h, c)
 
@@ -31,8 +33,11 @@ class StepModel(Protocol):
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    beam_size: int = 1  # 1 = greedy
-    max_length: int = 20  # max words, not counting <end>
+    """How to decode. Sizes are bounded (``showtell.limits``): work and memory grow with beam_size x max_length,
+    and beams beyond ~10 give no better captions, so ``beam_size=100000`` is refused, not attempted."""
+
+    beam_size: int = 1  # 1 = greedy; at most MAX_BEAM_SIZE
+    max_length: int = 20  # max words, not counting <end>; at most MAX_LENGTH
     length_penalty: float | None = None  # None: rank by logprob / length; alpha: GNMT logprob / ((5+len)/6)**alpha
     no_repeat_ngram_size: int = 0  # 0 = off; n > 0: never produce the same n-gram twice
     sample: bool = False  # sample instead of greedy/beam (beam_size must be 1)
@@ -43,22 +48,29 @@ class DecodingOptions:
     seed: int | None = None  # sampling: a seed makes the samples reproducible
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, minimum: int) -> None:
+        def integer(name: str, minimum: int, maximum: int = sys.maxsize) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ShowtellError(f"decoding: {name} must be an integer >= {minimum}, got {value!r}")
+            if value > maximum:
+                raise ShowtellError(f"decoding: {name} must be at most {maximum}, got {value}")
 
-        positive_int("beam_size", 1)
-        positive_int("max_length", 1)
-        positive_int("no_repeat_ngram_size", 0)
-        positive_int("top_k", 0)
-        positive_int("num_return", 1)
+        integer("beam_size", 1, MAX_BEAM_SIZE)
+        integer("max_length", 1, MAX_LENGTH)
+        integer("no_repeat_ngram_size", 0)
+        integer("top_k", 0)
+        integer("num_return", 1)
         if self.num_return > self.beam_size:
             raise ShowtellError(f"decoding: num_return ({self.num_return}) cannot exceed beam_size ({self.beam_size})")
         if self.sample and self.beam_size != 1:
             raise ShowtellError("decoding: sampling draws one caption per image; use beam_size=1 with sample")
-        if not self.temperature > 0:
-            raise ShowtellError(f"decoding: temperature must be > 0, got {self.temperature!r}")
+        # finite, and not so small that every log-probability / temperature overflows to -inf
+        if not is_real(self.temperature) or not self.temperature >= 1e-6:
+            raise ShowtellError(f"decoding: temperature must be a number >= 1e-06, got {self.temperature!r}")
+        if self.length_penalty is not None and not (is_real(self.length_penalty) and 0 <= self.length_penalty <= 10):
+            raise ShowtellError(f"decoding: length_penalty must be a number from 0 to 10, got {self.length_penalty!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ShowtellError(f"decoding: seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
 
 
 @dataclass
@@ -77,6 +89,13 @@ class LogitFilter:
 
     def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
         raise NotImplementedError
+
+
+class NaNIsImpossible(LogitFilter):
+    """A NaN log-probability (a model whose outputs overflowed) counts as -inf: never chosen, never ranked."""
+
+    def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
+        logprobs.masked_fill_(logprobs.isnan(), -math.inf)
 
 
 class SuppressTokens(LogitFilter):
@@ -133,7 +152,7 @@ class _Collector:
         extra = 1 if finished else 0  # the <end> token counts in the length
         target = self.finished if finished else self.unfinished
         for i, toks, lp in zip(images.tolist(), tokens.tolist(), logprobs.tolist(), strict=True):
-            if lp == -math.inf:
+            if not math.isfinite(lp):  # an impossible sequence; no NaN or inf score ever reaches a caller
                 continue
             target[i].append(Hypothesis(toks, lp, _score(lp, len(toks) + extra, self.options.length_penalty), finished))
 
@@ -163,7 +182,10 @@ class GreedyDecoder:
         if 0 < self.options.top_k < logits.shape[1]:
             kth = logits.topk(self.options.top_k, dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
-        return torch.multinomial(logits.softmax(dim=1), 1, generator=self.generator).squeeze(1)
+        # a row with every token impossible (a model that gives NaN) has NaN probabilities: draw any token there,
+        # its -inf log-probability drops the hypothesis
+        probs = logits.softmax(dim=1).nan_to_num_(nan=1.0)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
     def run(self, model: StepModel, features: Tensor) -> list[list[Hypothesis]]:
         opts, n = self.options, features.shape[0]
@@ -268,8 +290,10 @@ class BeamSearchDecoder:
 
 
 def make_filters(options: DecodingOptions, start_id: int = 1, unk_id: int = 3, pad_id: int = 0) -> list[LogitFilter]:
-    """<pad> and <start> are never produced, nor <unk> with ``suppress_unk``; then n-gram blocking if asked."""
-    filters: list[LogitFilter] = [SuppressTokens([pad_id, start_id] + ([unk_id] if options.suppress_unk else []))]
+    """NaN counts as impossible; <pad> and <start> are never produced, nor <unk> with ``suppress_unk``; then n-gram
+    blocking if asked."""
+    suppress = [pad_id, start_id] + ([unk_id] if options.suppress_unk else [])
+    filters: list[LogitFilter] = [NaNIsImpossible(), SuppressTokens(suppress)]
     if options.no_repeat_ngram_size > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram_size))
     return filters
@@ -280,6 +304,8 @@ def decode(model: StepModel, features: Tensor, options: DecodingOptions | None =
     """Caption a batch of image features [B, feature_dim]: one list of hypotheses per image, best first,
     ``min(num_return, beam_size)`` long (1 for greedy and sampling); shorter only when a tiny vocabulary has
     fewer distinct captions than that. Complete captions rank before unfinished ones (cut at ``max_length``).
+    Every score is finite: a hypothesis whose log-probability is not (a model whose outputs are NaN or infinite)
+    is dropped, so such a model can leave an image with an empty list.
 
     An ``nn.Module`` in training mode is switched to eval mode for the call (dropout off) and back after.
     """

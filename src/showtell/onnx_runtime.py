@@ -22,6 +22,7 @@ from PIL import Image
 
 from showtell.errors import ShowtellError
 from showtell.images import ImageInput, prepare
+from showtell.limits import MAX_BEAM_SIZE, MAX_HEADER_BYTES, MAX_LENGTH, check_int, check_preprocess
 from showtell.result import BatchCaptioning
 from showtell.vocab import Vocabulary
 
@@ -104,7 +105,7 @@ def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray,
 
     def add(target: list[list[Hypothesis]], imgs: np.ndarray, toks: np.ndarray, lps: np.ndarray, done: bool) -> None:
         for i, tk, lp in zip(imgs.tolist(), toks.tolist(), lps.tolist(), strict=True):
-            if lp != -math.inf:
+            if math.isfinite(lp):  # as in showtell.decoding: no NaN or inf score reaches a caller
                 target[i].append(Hypothesis(tk, lp, _score(lp, len(tk) + int(done), length_penalty), done))
 
     suppress = np.asarray(sorted(set(suppress)), dtype=np.int64)
@@ -117,6 +118,7 @@ def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray,
     for t in range(max_length + 1):
         logprobs, state = step(tokens, state)
         logprobs = np.array(logprobs, dtype=np.float32)  # a writable copy
+        logprobs[np.isnan(logprobs)] = -np.inf  # NaN (a model whose outputs overflowed) counts as impossible
         logprobs[:, suppress] = -np.inf
         n, nb = cum.shape
         vocab = logprobs.shape[1]
@@ -176,22 +178,14 @@ class OnnxCaptioner(BatchCaptioning):
         if not path.is_file():
             raise ShowtellError(f"{folder}: not an ONNX export folder (no {CONFIG_NAME}); make one with "
                                 "showtell export --format onnx --out DIR")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ShowtellError(f"{path}: cannot read ({e})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != FORMAT_VERSION:
-            raise ShowtellError(f"{path}: not a showtell ONNX export (version {FORMAT_VERSION})")
-        self.config, self.name = config, str(config.get("name", config.get("encoder", "onnx")))
-        self.meta = {"name": self.name, "metrics": config.get("metrics", {})}
-        self.vocab = Vocabulary.from_dict(config["vocab"])
-        self.special = config["special_ids"]
-        self.pre = config["preprocess"]
+        self.config, checked = _read_config(path)
+        self.name, self.vocab, self.special, self.pre = (checked[k] for k in ("name", "vocab", "special", "preprocess"))
+        self.meta = {"name": self.name, "metrics": checked["metrics"]}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {}
-        for key, filename in config["files"].items():
+        for key, filename in checked["files"].items():
             try:
                 self.sessions[key] = ort.InferenceSession(str(folder / filename), options,
                                                           providers=["CPUExecutionProvider"])
@@ -199,8 +193,7 @@ class OnnxCaptioner(BatchCaptioning):
                 raise ShowtellError(f"{folder / filename}: cannot load ({str(e).splitlines()[0][:160]})") from None
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        p = self.pre
-        return preprocess(img, p["size"], p["interpolation"], p["mean"], p["std"], p.get("crop_pct", 1.0))
+        return preprocess(img, **self.pre)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Normalized images [B, 3, S, S] -> encoder features [B, D]."""
@@ -220,8 +213,8 @@ class OnnxCaptioner(BatchCaptioning):
                          length_penalty: float | None = None,
                          suppress_unk: bool = True) -> list[list[tuple[str, float]]]:
         """Decode encoder features: per image, (caption, score) pairs best first."""
-        if beam_size < 1 or max_length < 1:
-            raise ShowtellError(f"decoding: beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
+        check_int("decoding: beam_size", beam_size, 1, MAX_BEAM_SIZE)  # the bounds of showtell.decoding
+        check_int("decoding: max_length", max_length, 1, MAX_LENGTH)
         sp = self.special
         suppress = [sp["pad"], sp["start"], *([sp["unk"]] if suppress_unk else [])]
         hyps = beam_search(self._init, self._step, feats, beam_size=beam_size, max_length=max_length,
@@ -240,6 +233,42 @@ class OnnxCaptioner(BatchCaptioning):
 
     def _describe(self, images: np.ndarray, options: dict) -> list[list[tuple[str, float]]]:
         return self.caption_features(self.features(images), **options)
+
+
+def _read_config(path: Path) -> tuple[dict, dict]:
+    """The export's JSON config, and what the captioner uses of it checked as a checkpoint's metadata is (untrusted
+    input, showtell.limits bounds): name, metrics, vocab, special ids within the vocabulary, preprocess (checked and
+    normalised) and the three graph files, plain names in the folder."""
+    try:
+        if path.stat().st_size > MAX_HEADER_BYTES:
+            raise ShowtellError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB; an export config is at most "
+                                f"{MAX_HEADER_BYTES // 2**20} MiB")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ShowtellError(f"{path}: cannot read (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ShowtellError(f"{path}: cannot read ({str(e)[:120]})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != FORMAT_VERSION:
+        raise ShowtellError(f"{path}: not a showtell ONNX export (version {FORMAT_VERSION})")
+    try:
+        vocab = Vocabulary.from_dict(config["vocab"])
+        special, files = config["special_ids"], config["files"]
+        if not isinstance(special, dict) or not isinstance(files, dict):
+            raise ShowtellError("special_ids and files must be mappings")
+        for key in ("pad", "start", "end", "unk"):
+            check_int(f"special_ids: {key}", special.get(key), 0, len(vocab) - 1)
+        graphs = {key: files.get(key) for key in ("encoder", "decoder_init", "decoder_step")}
+        for key, name in graphs.items():
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise ShowtellError(f"files: {key} must be a file name in the export folder, got {name!r:.60}")
+        metrics = config.get("metrics", {})
+        return config, {"name": str(config.get("name", config.get("encoder", "onnx"))),
+                        "metrics": metrics if isinstance(metrics, dict) else {}, "vocab": vocab,
+                        "special": special, "preprocess": check_preprocess(config["preprocess"]), "files": graphs}
+    except KeyError as e:
+        raise ShowtellError(f"{path}: incomplete export config (no {e})") from None
+    except ShowtellError as e:
+        raise ShowtellError(f"{path}: invalid export config: {e}") from None
 
 
 def load_onnx(folder: str | os.PathLike | None, threads: int | None = None) -> OnnxCaptioner:

@@ -77,6 +77,9 @@ class BatchCaptioning:
         if good:
             described = self._describe(self._stack([loaded[i] for i in good]), options)
             for i, beams in zip(good, described, strict=True):
+                if not beams:  # the decoders return only finite scores; a model whose outputs overflowed has none
+                    results[i].error = f"{results[i].image}: no caption, the model's outputs are NaN or infinite"
+                    continue
                 results[i].caption, results[i].score = beams[0]
                 results[i].alternatives = beams[1:]
         return results
