@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from showtell.errors import ShowtellError
+from showtell.limits import MAX_BEAM_SIZE, MAX_LENGTH
 
 DEFAULT_ENCODER = "efficientnet_lite2"
 
@@ -119,10 +120,8 @@ class TrainConfig:
         return data
 
 
-# Range checks, by setting (type checks come from the field annotations). The decoding bounds also bound the CLI's
-# --beam-size and --max-length (torch-free here, so the CLI checks them before torch loads).
-MAX_BEAM_SIZE = 32
-MAX_LENGTH = 100
+# Range checks, by setting (type checks come from the field annotations). The decoding bounds (showtell.limits, which
+# DecodingOptions also enforces) also bound the CLI's --beam-size and --max-length, before torch loads.
 _AT_LEAST = {"limit": 1, "min_count": 1, "max_words": 1, "embed_dim": 1, "hidden_dim": 1, "num_layers": 1,
              "epochs": 0, "batch_size": 1, "patience": 1, "seed": 0, "scst_epochs": 0, "scst_samples": 1,
              "scst_batch_size": 1, "scst_max_length": 1, "eval_beam_size": 1, "eval_max_length": 1, "num_workers": 0}
