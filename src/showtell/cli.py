@@ -389,7 +389,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from showtell.server import serve
 
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          max_megapixels=args.max_megapixels)
     return 0
 
 
@@ -456,8 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
     srv.add_argument("--model", help="checkpoint file (default: the built-in model)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted, MiB (default 10)")
+    srv.add_argument("--max-megapixels", type=float, default=40.0,
+                     help="largest image accepted, million pixels (default 40); bounds decoding memory")
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")

@@ -3,18 +3,30 @@
 Requests never run the model on the event loop: each uploaded image goes into a bounded queue, and
 one worker thread takes whatever arrived within a short window (up to ``max_batch`` images) and
 captions it as one batch. A full queue answers 503, a request that waits too long 504, an upload
-over the limit 413, an empty one 400 and one that is not a readable image 415, always as JSON
-``{"error": "..."}``. Only uploaded bytes are read, never a path the client names.
+over the limit 413 (bytes, or pixels: see ``max_megapixels``), an empty one 400 and one that is not a
+readable image 415, always as JSON ``{"error": "..."}``. Only uploaded bytes are read, never a path the client names.
+
+One image never fails another: if captioning a batch raises, each of its images is captioned again alone, so
+only the culprit gets an error (415 for an image problem, 500 otherwise). Decoding runs two images at a time,
+so ``max_megapixels`` bounds the memory that decoding takes, whatever the number of requests; after each batch
+the freed heap is given back to the OS (glibc keeps it otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
+import io
+import logging
 import os
 import queue
+import socket
+import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -25,17 +37,35 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from showtell.errors import ShowtellError
 
 STATIC_DIR = str(files("showtell") / "static")
 MULTIPART_OVERHEAD = 64 * 1024  # room for multipart headers and boundaries around an image at the limit
+log = logging.getLogger("uvicorn.error")  # where uvicorn itself reports; shown at its --log-level warning
+
+
+def _libc_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only: musl has no libc.so.6
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 @dataclass
 class ServerOptions:
     max_upload_mb: float = 10.0   # largest image, in MiB
+    max_megapixels: float = 40.0  # largest image, in million pixels: bounds the memory decoding takes
     max_files: int = 16           # most images in one POST /v1/captions
     max_batch: int = 16           # most images captioned together
     batch_window_ms: float = 10.0  # how long the worker waits for more requests to join a batch
@@ -121,17 +151,28 @@ class Batcher:
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop timed-out ones
             if not batch:
                 continue
-            self.batches += 1
-            try:
-                results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
-                                                 max_length=self.options.max_length, batch_size=len(batch),
-                                                 num_return=self.options.beam_size)
-            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+            self._caption(batch)
+            if _malloc_trim is not None and self._queue.empty():
+                _malloc_trim(0)  # decoding big images left hundreds of MB of freed heap that glibc would keep
+
+    def _caption(self, batch: list[_Job]) -> None:
+        """Caption a batch; if that raises, each image again alone, so only the one at fault gets the error."""
+        self.batches += 1
+        try:
+            results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
+                                             max_length=self.options.max_length, batch_size=len(batch),
+                                             num_return=self.options.beam_size)
+        except Exception as e:  # a file the decoder chokes on, a bug, out of memory: keep serving
+            if len(batch) > 1:
                 for job in batch:
-                    job.future.set_exception(e)
-                continue
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
+                    self._caption([job])
+                return
+            if not isinstance(e, ShowtellError):
+                log.error("captioning an image failed: %s: %s", _kind(e), e)
+            batch[0].future.set_exception(e)
+            return
+        for job, result in zip(batch, results):
+            job.future.set_result(result)
 
 
 class _BodyLimit:
@@ -147,11 +188,11 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
-        message = self.message_for(scope["path"]) if self.message_for else _too_large(limit)
+        too_large = self.message_for(scope["path"]) if self.message_for else _too_large(limit)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            await _error(413, message)(scope, receive, send)
+            await _error(413, too_large)(scope, receive, send)
             return
         seen = 0
 
@@ -161,7 +202,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(413, message)
+                    raise HTTPException(413, too_large)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -173,6 +214,28 @@ def _too_large(limit: int) -> str:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _pixel_error(data: bytes, megapixels: float) -> str | None:
+    """Why an image has too many pixels, from its header (nothing decoded); None when it has not, or when Pillow
+    cannot read the header (the captioner then says what is wrong)."""
+    try:
+        with warnings.catch_warnings():  # racing images.py's own is harmless: what reaches it is under our limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over our limit anyway
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        return f"image too large (over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; limit {megapixels:g})"
+    except Exception:
+        return None
+    if width * height <= megapixels * 1e6:
+        return None
+    return f"image too large ({width * height / 1e6:.3g} megapixels; limit {megapixels:g})"
+
+
+def _kind(e: BaseException) -> str:
+    """An exception's type as a reader knows it: ValueError, struct.error."""
+    return f"{type(e).__module__}.{type(e).__qualname__}".removeprefix("builtins.")
 
 
 def _image_error(name: str, message: str) -> str:
@@ -194,7 +257,8 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 _ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"error": "..."}}}}
-           for code, text in [(400, "empty upload or malformed request"), (413, "upload over --max-upload-mb"),
+           for code, text in [(400, "empty upload or malformed request"),
+                              (413, "upload over --max-upload-mb, or an image over max_megapixels"),
                               (415, "not a readable image"), (503, "queue full, retry shortly"),
                               (504, "captioning took too long")]}
 _UPLOADS_DOC = {"requestBody": {"required": True, "content": {
@@ -236,6 +300,16 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        client = request.client.host if request.client else "a client"
+        log.warning("%s disconnected before its upload to %s was read", client, request.url.path)
+        return _error(400, "client disconnected")  # nobody is there to read it
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug: uvicorn logs its traceback
+        return _error(500, f"internal error ({_kind(exc)})")
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
@@ -269,6 +343,8 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
                 out[i] = (400, f"{name}: empty upload, not an image")
             elif len(data) > opts.max_bytes:
                 out[i] = (413, f"{name}: {_too_large(opts.max_bytes)}")
+            elif too_big := _pixel_error(data, opts.max_megapixels):
+                out[i] = (413, f"{name}: {too_big}")
             else:
                 todo.append(i)
         if not todo:
@@ -279,11 +355,18 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
             raise HTTPException(503, "server busy: too many images waiting, try again shortly",
                                 headers={"Retry-After": "1"}) from None
         try:
-            results = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), opts.timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True),
+                                             opts.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"captioning took longer than {opts.timeout_s:g} s") from None
         for i, result in zip(todo, results):
-            out[i] = (415, _image_error(uploads[i][0], result.error)) if result.error else result
+            name = uploads[i][0]
+            if isinstance(result, ShowtellError):
+                out[i] = (415, _image_error(name, str(result)))
+            elif isinstance(result, Exception):
+                out[i] = (500, f"{name}: internal error while captioning this image ({_kind(result)})")
+            else:
+                out[i] = (415, _image_error(name, result.error)) if result.error else result
         return out
 
     @app.post("/v1/caption", openapi_extra=_UPLOAD_DOC, responses=_ERRORS, summary="Caption one photo")
@@ -318,7 +401,7 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
         meta = captioner.meta
         return {"name": captioner.name, "encoder": captioner.checkpoint.encoder, "vocab_size": len(captioner.vocab),
                 "metrics": meta.get("metrics"), "training": meta.get("training"), "beam_size": opts.beam_size,
-                "max_upload_mb": opts.max_upload_mb}
+                "max_upload_mb": opts.max_upload_mb, "max_megapixels": opts.max_megapixels}
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, Any]:
@@ -336,16 +419,37 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
     return app
 
 
-def serve(model: Any = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0) -> None:
-    """Load the model, then serve the API and page until interrupted."""
-    import sys
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one), or a ShowtellError saying why not."""
+    where = f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise ShowtellError(f"cannot serve on {where}: port must be 0-65535")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without waiting
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "the port is in use (stop the other server or choose another --port)" if e.errno == errno.EADDRINUSE \
+            else e.strerror or str(e)
+        raise ShowtellError(f"cannot serve on {where}: {why}") from None
+    return sock
 
+
+def serve(model: Any = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
+          max_megapixels: float = ServerOptions.max_megapixels) -> None:
+    """Bind the port, load the model, then serve the API and page until interrupted.
+
+    uvicorn gets the bound socket, so a port in use or out of range fails before anything is loaded or announced."""
     import uvicorn
 
     from showtell.captioner import load
 
-    captioner = load(model) if model is None or isinstance(model, (str, os.PathLike)) else model
-    app = create_app(captioner, max_upload_mb=max_upload_mb)
-    print(f"showtell: serving model '{captioner.name}' on http://{host}:{port}/ (API docs at /docs)",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = bind(host, port)
+    with sock:
+        captioner = load(model) if model is None or isinstance(model, (str, os.PathLike)) else model
+        app = create_app(captioner, max_upload_mb=max_upload_mb, max_megapixels=max_megapixels)
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"showtell: serving model '{captioner.name}' on http://{url_host}:{sock.getsockname()[1]}/ "
+              "(API docs at /docs)", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
