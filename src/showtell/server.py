@@ -7,7 +7,7 @@ over the limit 413 (bytes, or pixels: see ``max_megapixels``), an empty one 400 
 readable image 415, always as JSON ``{"error": "..."}``. Only uploaded bytes are read, never a path the client names.
 
 One image never fails another: if captioning a batch raises, each of its images is captioned again alone, so
-only the culprit gets an error (415 for an image problem, 500 otherwise). Decoding runs two images at a time,
+only the culprit gets an error (415 for an image problem, 500 otherwise). The captioner decodes two images at a time,
 so ``max_megapixels`` bounds the memory that decoding takes, whatever the number of requests; after each batch
 the freed heap is given back to the OS (glibc keeps it otherwise).
 """
