@@ -381,3 +381,20 @@ def test_caption_refuses_a_list_with_a_non_image_before_any_work(captioner, phot
     with pytest.raises(TypeError, match="not int"):
         captioner.caption([photos / "chelsea.jpg"] * 20 + [5], batch_size=4)
     assert loaded == []
+
+
+def test_postscript_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """Pillow opens EPS files by running Ghostscript; an upload must never start a program."""
+    import subprocess
+
+    def no_programs(*args, **kwargs):
+        raise AssertionError(f"a program was started: {args[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_programs)
+    monkeypatch.setattr(subprocess, "check_call", no_programs)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    for src in (eps, tmp_path / "x.eps"):
+        if isinstance(src, Path):
+            src.write_bytes(eps)
+        with pytest.raises(ImageError, match="unrecognised format"):
+            load_image(src)

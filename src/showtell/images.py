@@ -20,6 +20,9 @@ ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | 
 (HxW, HxWx1, HxWx3 RGB or HxWx4 RGBA; uint8 0-255 or float 0-1)."""
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "QOI", "DDS", "PCX", "SGI")
+"""The Pillow formats read: raster formats Pillow decodes itself (JPEG includes MPO, as cameras write it). Not EPS
+(Pillow runs Ghostscript on it, a program that should never see an untrusted upload), nor formats rarely met."""
 
 MAX_ASPECT = 4
 """A longer side more than this many times the shorter one is center-cropped to this ratio."""
@@ -129,7 +132,8 @@ def _decode(src: ImageInput) -> Image.Image:
     with fp:
         with _BOMB_WARNING_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            Image.init()  # registers every plugin once, so that each of FORMATS is known
+            img = Image.open(fp, formats=FORMATS)
         if max(img.size) > MAX_SIDE:
             raise ImageError(f"image too large ({img.width}x{img.height} pixels, a side over {MAX_SIDE})")
         img.seek(0)
