@@ -35,6 +35,7 @@ class Captioner(BatchCaptioning):
 
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None):
         from showtell.encoders import Preprocess, create_encoder
+        from showtell.tags import NoTags, create_tagger
 
         self.checkpoint = checkpoint
         self.vocab = checkpoint.vocab
@@ -49,6 +50,11 @@ class Captioner(BatchCaptioning):
                 raise CheckpointError(f"fine-tuned encoder weights do not fit {checkpoint.encoder}: "
                                       f"{' '.join(str(e).split())[:160]}") from None
         self.encoder = self.encoder.to(self.device).eval()
+        self.tagger, self.tags_note = None, None
+        try:
+            self.tagger = create_tagger(self.encoder, fine_tuned=bool(tuned))
+        except NoTags as e:
+            self.tags_note = f"no tags: {e}"
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
@@ -81,8 +87,17 @@ class Captioner(BatchCaptioning):
     def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> DecodingOptions:
         return DecodingOptions(beam_size=beam_size, max_length=max_length, num_return=num_return, **decoding)
 
-    def _describe(self, images: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
-        return self.caption_features(self.features(images), options)
+    def tag_features(self, feats: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image, the ``k`` most probable ImageNet classes as (label, probability), best first; none when the
+        encoder has no usable ImageNet head (``tags_note`` says why)."""
+        if not k or self.tagger is None:
+            return [[] for _ in range(len(feats))]
+        return self.tagger.top(feats.to(self.device), k)
+
+    def _describe(self, images: torch.Tensor, options: DecodingOptions,
+                  tags: int) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+        feats = self.features(images)
+        return self.caption_features(feats, options), self.tag_features(feats, tags)
 
 
 def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu") -> Captioner:

@@ -153,11 +153,12 @@ def one_line(text: str) -> str:
 
 
 def _result_line(r, fmt: str) -> str:
-    if fmt == "text":
-        return f"{one_line(r.image)}\t{one_line(r.caption)}\n"
+    if fmt == "text":  # path, caption, then confidence and tags when there are any
+        extras = r.extras_text()
+        return f"{one_line(r.image)}\t{one_line(r.caption)}" + (f"\t{extras}\n" if extras else "\n")
     row = {"image": r.image, "caption": r.caption, "score": None if r.score is None else round(r.score, 4)}
     # json.dumps writes a name that is not UTF-8 with \udcNN escapes: json.loads and os.fsencode give its bytes back
-    return json.dumps({**row, "error": r.error} if r.error else row) + "\n"
+    return json.dumps({**row, "error": r.error} if r.error else {**row, **r.extras()}) + "\n"
 
 
 def _looks_like_results(path: str, formats: tuple[str, ...]) -> bool:
@@ -264,14 +265,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     except OSError as e:
         raise ShowtellError(f"{args.output}: cannot write ({e.strerror})") from None
-    gallery, failures = [], 0
+    gallery, failures, warned = [], 0, False
     try:
         results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, tags=args.tags)
         for r in itertools.chain(empty_dirs, results):
             if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
                 failures += 1
                 print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
+            if r.tags_note and not warned:  # the same for every photo: say it once
+                print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
+                warned = True
             if r.caption is not None or args.format == "jsonl":
                 _write(out, _result_line(r, args.format))
             if args.html:
@@ -438,12 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=16,
                      help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 16)")
     cap.add_argument("--format", choices=("text", "jsonl"), default="text",
-                     help="text: path<TAB>caption lines, one per captioned photo; a backslash, TAB, newline or CR "
-                          "in a path is written \\\\, \\t, \\n, \\r and a byte that is not UTF-8 as \\xNN (so "
-                          "are paths in messages). jsonl: one JSON object a line, {\"image\", \"caption\", "
-                          "\"score\"}, or for a photo that failed {\"image\", \"caption\": null, \"score\": null, "
-                          "\"error\"}; a path byte that is not UTF-8 is a \\udcNN escape (Python: os.fsencode() "
-                          "of the name gives the bytes back)")
+                     help="text: path<TAB>caption[<TAB>tags: label (p), ...] lines, one per captioned photo; "
+                          "a backslash, TAB, newline or CR in a path is written \\\\, \\t, \\n, \\r and a byte "
+                          "that is not UTF-8 as \\xNN (so are paths in messages). jsonl: one JSON object a line, "
+                          "{\"image\", \"caption\", \"score\", \"tags\": [{\"label\", \"p\"}, ...]}, or for a "
+                          "photo that failed {\"image\", \"caption\": null, \"score\": null, \"error\"}; a path "
+                          "byte that is not UTF-8 is a \\udcNN escape (Python: os.fsencode() of the name gives the "
+                          "bytes back)")
     cap.add_argument("--output", help="write results to this file instead of stdout; an existing file is "
                      "overwritten only if it is empty or a showtell results file (a jsonl first line starts with "
                      "{\"image\": , a text one is UTF-8 with a TAB), never one of the input images")
@@ -452,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(failed ones are tried again)")
     cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery (after the results); "
                      "an existing FILE is replaced only if it is a showtell gallery")
+    cap.add_argument("--tags", type=_count(0, 1000), default=5, metavar="K",
+                     help="also give the K most probable ImageNet classes of each photo, 0-1000 (default 5; 0: none)")
     cap.set_defaults(func=cmd_caption)
 
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")

@@ -89,6 +89,7 @@ class Encoder(nn.Module):
     name: str
     feature_dim: int
     preprocess: Preprocess
+    pretrained: bool = False  # True when the ImageNet weights were loaded (only then are ``heads()`` meaningful)
 
     def __init__(self, name: str, feature_dim: int, preprocess: Preprocess) -> None:
         super().__init__()
@@ -100,6 +101,11 @@ class Encoder(nn.Module):
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [B, 1000]."""
         return self._classify(self._layout(images)).float()
+
+    def heads(self) -> list[tuple[str, nn.Linear]]:
+        """The ImageNet-1k classifier(s) on the pooled features, in order, each reading the next ``in_features``
+        of them, named by network; empty for an encoder without one."""
+        return []
 
     def set_fine_tune(self, enabled: bool) -> None:
         self.requires_grad_(False)
@@ -145,6 +151,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.model = timm.create_model(timm_name, pretrained=False, drop_rate=0.0)
         if weights is not None:
             _load_paired_state_dict(self.model, weights)
+        self.pretrained = weights is not None
         self._finish()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,6 +159,9 @@ class EfficientNetLiteEncoder(Encoder):
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def heads(self) -> list[tuple[str, nn.Linear]]:
+        return [(self.name.removeprefix("efficientnet_"), self.model.classifier)]
 
     def _last_stage(self) -> list[nn.Module]:
         return [self.model.blocks[-1], self.model.conv_head, self.model.bn2]
@@ -169,6 +179,7 @@ class ResNetEncoder(Encoder):
         self.backbone = _download(name, lambda: builder(weights=weights))
         self.fc = self.backbone.fc
         self.backbone.fc = nn.Identity()
+        self.pretrained = pretrained
         self._finish()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,6 +187,9 @@ class ResNetEncoder(Encoder):
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(images))
+
+    def heads(self) -> list[tuple[str, nn.Linear]]:
+        return [(self.name, self.fc)]
 
     def _last_stage(self) -> list[nn.Module]:
         return [self.backbone.layer4]
@@ -187,6 +201,7 @@ class ConcatEncoder(Encoder):
     def __init__(self, name: str, preprocess: Preprocess, parts: list[Encoder]) -> None:
         super().__init__(name, sum(p.feature_dim for p in parts), preprocess)
         self.parts = nn.ModuleList(parts)
+        self.pretrained = all(p.pretrained for p in parts)
         self._finish()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,6 +209,9 @@ class ConcatEncoder(Encoder):
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.parts[-1]._classify(images)
+
+    def heads(self) -> list[tuple[str, nn.Linear]]:
+        return [head for p in self.parts for head in p.heads()]
 
     def _last_stage(self) -> list[nn.Module]:
         return [m for p in self.parts for m in p._last_stage()]

@@ -3,11 +3,14 @@
     encoder.onnx        images [B, 3, S, S] (normalized)            -> features [B, D]
     decoder_init.onnx   features [B, D]                             -> h, c [layers, B, hidden]
     decoder_step.onnx   tokens [B] (int64), h, c                    -> logprobs [B, vocab], h, c
-    showtell_onnx.json  vocabulary, special ids, preprocessing, model and encoder names
+    tagger.onnx         features [B, D]                             -> probs [B, 1000] (ImageNet classes)
+    showtell_onnx.json  vocabulary, special ids, preprocessing, model and encoder names, the classes' lemmas
 
-The batch dimension is dynamic in all three. Every graph is checked with ``onnx.checker`` and run with
-onnxruntime on random input against the PyTorch modules; the largest absolute differences are returned
-and stored in the JSON file. ``showtell.onnx_runtime`` runs the export with numpy and onnxruntime only.
+tagger.onnx is there when the encoder has a usable ImageNet head (showtell.tags); otherwise the JSON's
+``tags_note`` says why not. The batch dimension is dynamic in all graphs. Every graph is checked with
+``onnx.checker`` and run with onnxruntime on random input against the PyTorch modules; the largest absolute
+differences are returned and stored in the JSON file. ``showtell.onnx_runtime`` runs the export with numpy and
+onnxruntime only.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ FORMAT = "showtell-onnx"
 FORMAT_VERSION = 1
 CONFIG_NAME = "showtell_onnx.json"
 FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
+TAGGER_FILE = "tagger.onnx"
 DEFAULT_OPSET = 17
 # largest allowed |onnxruntime - torch| on the random parity inputs
-TOLERANCE = {"encoder": 1e-3, "decoder_init": 1e-4, "decoder_step": 1e-4}
+TOLERANCE = {"encoder": 1e-3, "decoder_init": 1e-4, "decoder_step": 1e-4, "tagger": 1e-5}
 
 
 class _Init(nn.Module):
@@ -133,10 +137,21 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     feeds = {"tokens": tokens.numpy(), "h_in": h.numpy(), "c_in": c.numpy()}
     parity["decoder_step"] = _max_diff(paths["decoder_step"], feeds, list(expected))
 
+    files, tagger = dict(FILES), captioner.tagger
+    if tagger is not None:
+        files["tagger"] = TAGGER_FILE
+        say(f"exporting tagger ({tagger.rule} of {', '.join(tagger.names)}) -> {out / TAGGER_FILE}")
+        tagger = tagger.cpu().eval()
+        _export(tagger, (torch.randn(2, config.feature_dim, generator=gen),), out / TAGGER_FILE, ["features"],
+                ["probs"], {"features": 0, "probs": 0}, opset)
+        with torch.inference_mode():
+            probs = tagger(feats)
+        parity["tagger"] = _max_diff(out / TAGGER_FILE, {"features": feats.numpy()}, [probs])
+
     for name, diff in parity.items():
         say(f"  {name}: max abs diff vs torch {diff:.2e}")
         if not diff <= TOLERANCE[name]:
-            raise ShowtellError(f"{FILES[name]} differs from torch by {diff:.3g} (> {TOLERANCE[name]:g}); "
+            raise ShowtellError(f"{files[name]} differs from torch by {diff:.3g} (> {TOLERANCE[name]:g}); "
                                 "the export is not usable")
     record = {
         "format": FORMAT,
@@ -149,7 +164,10 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
         "preprocess": pre.to_dict(),
         "vocab": vocab.to_dict(),  # vocab["tokens"] is itos: the word of each id
         "special_ids": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id, "unk": vocab.unk_id},
-        "files": dict(FILES),
+        "files": files,
+        **({"tags": {"rule": tagger.rule, "heads": tagger.names,
+                     "lemmas": [list(tagger.lemmas(i)) for i in range(len(tagger.labels))]}}
+           if tagger is not None else {"tags_note": captioner.tags_note}),
         "step_output": "logprobs",
         "opset": opset,
         "parity": parity,

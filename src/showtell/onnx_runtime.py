@@ -181,6 +181,7 @@ class OnnxCaptioner(BatchCaptioning):
         self.config, checked = _read_config(path)
         self.name, self.vocab, self.special, self.pre = (checked[k] for k in ("name", "vocab", "special", "preprocess"))
         self.meta = {"name": self.name, "metrics": checked["metrics"]}
+        self.tag_lemmas, self.tags_note = checked["tag_lemmas"], checked["tags_note"]
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -191,6 +192,10 @@ class OnnxCaptioner(BatchCaptioning):
                                                           providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ShowtellError(f"{folder / filename}: cannot load ({str(e).splitlines()[0][:160]})") from None
+        if self.tag_lemmas is not None:
+            classes = self.sessions["tagger"].get_outputs()[0].shape[-1]
+            if classes != len(self.tag_lemmas):
+                raise ShowtellError(f"{path}: tags names {len(self.tag_lemmas)} classes, tagger.onnx gives {classes}")
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return preprocess(img, **self.pre)
@@ -231,14 +236,26 @@ class OnnxCaptioner(BatchCaptioning):
     def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> dict:
         return {"beam_size": beam_size, "max_length": max_length, "num_return": num_return, **decoding}
 
-    def _describe(self, images: np.ndarray, options: dict) -> list[list[tuple[str, float]]]:
-        return self.caption_features(self.features(images), **options)
+    def tag_features(self, feats: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image, the ``k`` most probable ImageNet classes as (label, probability), best first; none when the
+        export has no tagger (``tags_note`` says why)."""
+        if not k or self.tag_lemmas is None:
+            return [[] for _ in range(len(feats))]
+        probs = self.sessions["tagger"].run(None, {"features": feats.astype(np.float32, copy=False)})[0]
+        index = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.tag_lemmas[i][0], float(p[i])) for i in ix] for ix, p in zip(index.tolist(), probs)]
+
+    def _describe(self, images: np.ndarray, options: dict,
+                  tags: int) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+        feats = self.features(images)
+        return self.caption_features(feats, **options), self.tag_features(feats, tags)
 
 
 def _read_config(path: Path) -> tuple[dict, dict]:
     """The export's JSON config, and what the captioner uses of it checked as a checkpoint's metadata is (untrusted
     input, showtell.limits bounds): name, metrics, vocab, special ids within the vocabulary, preprocess (checked and
-    normalised) and the three graph files, plain names in the folder."""
+    normalised), the graph files, plain names in the folder (tagger.onnx when there is one) and the ImageNet
+    classes' lemmas, or why there are no tags."""
     try:
         if path.stat().st_size > MAX_HEADER_BYTES:
             raise ShowtellError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB; an export config is at most "
@@ -257,18 +274,33 @@ def _read_config(path: Path) -> tuple[dict, dict]:
             raise ShowtellError("special_ids and files must be mappings")
         for key in ("pad", "start", "end", "unk"):
             check_int(f"special_ids: {key}", special.get(key), 0, len(vocab) - 1)
-        graphs = {key: files.get(key) for key in ("encoder", "decoder_init", "decoder_step")}
+        graphs = {key: files.get(key) for key in ("encoder", "decoder_init", "decoder_step", "tagger")
+                  if key != "tagger" or key in files}
         for key, name in graphs.items():
             if not isinstance(name, str) or not name or Path(name).name != name:
                 raise ShowtellError(f"files: {key} must be a file name in the export folder, got {name!r:.60}")
         metrics = config.get("metrics", {})
+        lemmas, note = _tag_lemmas(config, "tagger" in graphs)
         return config, {"name": str(config.get("name", config.get("encoder", "onnx"))),
                         "metrics": metrics if isinstance(metrics, dict) else {}, "vocab": vocab,
-                        "special": special, "preprocess": check_preprocess(config["preprocess"]), "files": graphs}
+                        "special": special, "preprocess": check_preprocess(config["preprocess"]), "files": graphs,
+                        "tag_lemmas": lemmas, "tags_note": note}
     except KeyError as e:
         raise ShowtellError(f"{path}: incomplete export config (no {e})") from None
     except ShowtellError as e:
         raise ShowtellError(f"{path}: invalid export config: {e}") from None
+
+
+def _tag_lemmas(config: dict, has_tagger: bool) -> tuple[list[list[str]] | None, str | None]:
+    """The lemmas of the tagger's classes (label = the first), or None and why there are no tags."""
+    if not has_tagger:
+        return None, str(config.get("tags_note") or "no tags: this export has no tagger.onnx")
+    tags = config.get("tags")
+    lemmas = tags.get("lemmas") if isinstance(tags, dict) else None
+    if not (isinstance(lemmas, list) and lemmas and all(
+            isinstance(ls, list) and ls and all(isinstance(w, str) for w in ls) for ls in lemmas)):
+        raise ShowtellError("tags: lemmas must be a list of each class's names (lists of strings)")
+    return lemmas, None
 
 
 def load_onnx(folder: str | os.PathLike | None, threads: int | None = None) -> OnnxCaptioner:

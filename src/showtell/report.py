@@ -27,6 +27,9 @@ figure img { display: block; max-width: 100%; margin: 0 auto .5rem; border-radiu
 .caption { font-weight: 600; }
 .score, ol { color: #6b6b73; font-size: .85rem; }
 .error { color: #b42318; font-weight: 600; }
+.tags { display: flex; flex-wrap: wrap; gap: .3rem; margin: .3rem 0; padding: 0; list-style: none; }
+.tags li { padding: 0 .45rem; border: 1px solid #d9d9de; border-radius: 999px; background: #f1f3f7;
+           color: #6b6b73; font-size: .75rem; }
 """
 
 
@@ -52,8 +55,15 @@ def _figure(result: Any) -> str:
     if result.error:
         parts.append(f'<div class="error">{escape(display_name(result.error))}</div>')
     else:
+        confidence = getattr(result, "confidence", None)
         parts.append(f'<div class="caption">{escape(result.caption or "")}'
-                     f' <span class="score">({result.score:.2f})</span></div>')
+                     f' <span class="score">({result.score:.2f})</span>'
+                     + ("" if confidence is None else f' <span class="score">confidence {confidence:.0%}</span>')
+                     + "</div>")
+        tags = getattr(result, "tags", None)
+        if tags:
+            chips = "".join(f"<li>{escape(label)} {p:.0%}</li>" for label, p in tags)
+            parts.append(f'<ul class="tags">{chips}</ul>')
         if result.alternatives:
             alts = "".join(f'<li>{escape(c)} <span class="score">({s:.2f})</span></li>'
                            for c, s in result.alternatives)
@@ -63,7 +73,8 @@ def _figure(result: Any) -> str:
 
 
 def render_gallery(results: Iterable[Any], title: str = "showtell captions") -> str:
-    """The gallery page as a string (results are CaptionResult-like: image, caption, score, alternatives, error)."""
+    """The gallery page as a string (results are CaptionResult-like: image, caption, score, alternatives, error, and
+    optionally tags and confidence)."""
     figures = "\n".join(_figure(r) for r in results)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">{GENERATOR}'

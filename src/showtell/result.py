@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from showtell.errors import ShowtellError
 from showtell.images import ImageInput, check_image_input, describe, is_image_input
 
 
@@ -19,6 +20,9 @@ class CaptionResult:
     score: float | None = None       # length-normalised log-probability of the caption
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # other beams, best first
     error: str | None = None
+    tags: list[tuple[str, float]] = field(default_factory=list)  # ImageNet (label, probability), best first
+    tags_note: str | None = None     # why tags were asked for but there are none
+    confidence: float | None = None  # how likely the caption is right (not computed yet)
 
     @property
     def ok(self) -> bool:
@@ -30,7 +34,26 @@ class CaptionResult:
             d["alternatives"] = [{"caption": c, "score": s} for c, s in self.alternatives]
         if self.error:
             d["error"] = self.error
+        return {**d, **self.extras()}
+
+    def extras(self) -> dict:
+        """What goes beside the caption in JSON: ``confidence`` when set, ``tags`` as [{"label", "p"}] when there
+        are any, ``tags_note`` when there are none for a reason."""
+        d: dict[str, Any] = {}
+        if self.confidence is not None:
+            d["confidence"] = round(float(self.confidence), 4)
+        if self.tags:
+            d["tags"] = [{"label": label, "p": round(float(p), 4)} for label, p in self.tags]
+        if self.tags_note:
+            d["tags_note"] = self.tags_note
         return d
+
+    def extras_text(self) -> str:
+        """The same as text: "confidence: 0.83", "tags: tabby (0.62), tiger cat (0.10)", tab-separated."""
+        parts = [] if self.confidence is None else [f"confidence: {self.confidence:.2f}"]
+        if self.tags:
+            parts.append("tags: " + ", ".join(f"{label} ({p:.2f})" for label, p in self.tags))
+        return "\t".join(parts)
 
 
 class BatchCaptioning:
@@ -38,9 +61,12 @@ class BatchCaptioning:
     each batch are captioned together, and an unreadable one gets ``error`` instead of stopping the rest.
 
     A captioner provides ``_load(src) -> array or error message``, ``_stack(arrays)``,
-    ``_options(beam_size, max_length, num_return, decoding)`` and ``_describe(stacked, options)``,
-    which returns, per image, (caption, score) pairs best first.
+    ``_options(beam_size, max_length, num_return, decoding)`` and ``_describe(stacked, options, tags)``,
+    which returns, per image, (caption, score) pairs best first, and per image up to ``tags`` ImageNet
+    (label, probability) pairs best first; ``tags_note`` says why there are none when the model has no tagger.
     """
+
+    tags_note: str | None = None
 
     def _load(self, src: ImageInput) -> Any: ...
 
@@ -48,12 +74,17 @@ class BatchCaptioning:
 
     def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> Any: ...
 
-    def _describe(self, stacked: Any, options: Any) -> list[list[tuple[str, float]]]: ...
+    def _describe(self, stacked: Any, options: Any, tags: int) -> tuple[list[list[tuple[str, float]]],
+                                                                         list[list[tuple[str, float]]]]: ...
 
     def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
-                     batch_size: int = 16, num_return: int = 1, **decoding) -> Iterator[CaptionResult]:
+                     batch_size: int = 16, num_return: int = 1, tags: int = 5,
+                     **decoding) -> Iterator[CaptionResult]:
         """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
-        that is not an image raises TypeError when it is reached (see :func:`showtell.images.load_image`)."""
+        that is not an image raises TypeError when it is reached (see :func:`showtell.images.load_image`). Each
+        result also gets the ``tags`` most probable ImageNet classes (0: none)."""
+        if isinstance(tags, bool) or not isinstance(tags, int) or tags < 0:
+            raise ShowtellError(f"tags must be a whole number >= 0, got {tags!r}")
         options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
         batch: list[ImageInput] = []
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -61,12 +92,12 @@ class BatchCaptioning:
                 check_image_input(src)
                 batch.append(src)
                 if len(batch) == batch_size:
-                    yield from self._caption_batch(batch, options, pool)
+                    yield from self._caption_batch(batch, options, tags, pool)
                     batch = []
             if batch:
-                yield from self._caption_batch(batch, options, pool)
+                yield from self._caption_batch(batch, options, tags, pool)
 
-    def _caption_batch(self, batch: Sequence[ImageInput], options: Any,
+    def _caption_batch(self, batch: Sequence[ImageInput], options: Any, tags: int,
                        pool: ThreadPoolExecutor) -> list[CaptionResult]:
         loaded = list(pool.map(self._load, batch))
         results = [CaptionResult(describe(src)) for src in batch]
@@ -75,13 +106,15 @@ class BatchCaptioning:
             if isinstance(x, str):
                 results[i].error = x
         if good:
-            described = self._describe(self._stack([loaded[i] for i in good]), options)
-            for i, beams in zip(good, described, strict=True):
+            described, tagged = self._describe(self._stack([loaded[i] for i in good]), options, tags)
+            for i, beams, image_tags in zip(good, described, tagged, strict=True):
                 if not beams:  # the decoders return only finite scores; a model whose outputs overflowed has none
                     results[i].error = f"{results[i].image}: no caption, the model's outputs are NaN or infinite"
                     continue
                 results[i].caption, results[i].score = beams[0]
                 results[i].alternatives = beams[1:]
+                results[i].tags = image_tags
+                results[i].tags_note = self.tags_note if tags and not image_tags else None
         return results
 
     def caption(self, images: ImageInput | Iterable[ImageInput], **kwargs) -> list[CaptionResult]:

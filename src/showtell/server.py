@@ -73,6 +73,7 @@ class ServerOptions:
     timeout_s: float = 60.0       # a request still waiting after this gives 504
     beam_size: int = 3
     max_length: int = 20
+    tags: int = 5                 # most probable ImageNet classes given with each caption
 
     @property
     def max_bytes(self) -> int:
@@ -161,7 +162,7 @@ class Batcher:
         try:
             results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
                                              max_length=self.options.max_length, batch_size=len(batch),
-                                             num_return=self.options.beam_size)
+                                             num_return=self.options.beam_size, tags=self.options.tags)
         except Exception as e:  # a file the decoder chokes on, a bug, out of memory: keep serving
             if len(batch) > 1:
                 for job in batch:
@@ -248,6 +249,7 @@ def _image_error(name: str, message: str) -> str:
 def _result_json(result: Any, model: str, started: float) -> dict[str, Any]:
     return {"caption": result.caption, "score": round(float(result.score), 4),
             "alternatives": [{"caption": c, "score": round(float(s), 4)} for c, s in result.alternatives],
+            "tags": [], **result.extras(),  # tags (label, p) always, a list; confidence, tags_note when set
             "model": model, "elapsed_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 

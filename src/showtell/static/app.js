@@ -42,6 +42,24 @@ async function caption(file, before) {
   card.classList.add("ok");
   field("caption").textContent = body.caption;
   field("caption").append(score(body.score));
+  if (body.confidence != null) {
+    const span = document.createElement("span");
+    span.className = "confidence";
+    span.textContent = `confidence ${Math.round(body.confidence * 100)}%`;
+    field("caption").append(" ", span);
+  }
+  for (const tag of body.tags || []) {  // the encoder's ImageNet classes, most probable first
+    const li = document.createElement("li");
+    li.textContent = `${tag.label} ${Math.round(tag.p * 100)}%`;
+    li.title = `ImageNet class, probability ${tag.p}`;
+    field("tags").append(li);
+  }
+  if (body.tags_note) {  // why this model gives no tags
+    const li = document.createElement("li");
+    li.className = "note";
+    li.textContent = body.tags_note;
+    field("tags").append(li);
+  }
   for (const alt of body.alternatives) {
     const li = document.createElement("li");
     li.textContent = alt.caption;
