@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -69,12 +70,15 @@ def test_page_captions_a_photo_and_shows_the_error_beside_a_broken_file(chromium
             expect(good.locator(".name")).to_have_text("chelsea.jpg")
             assert good.locator(".caption").inner_text().strip()
             expect(good.locator(".alternatives li")).to_have_count(2)
+            expect(good.locator(".tags li")).to_have_count(5)  # chips: ImageNet label and percentage
+            expect(good.locator(".tags li").first).to_have_text(re.compile(r"^Egyptian cat \d+%$"))
             assert good.locator("img").evaluate("img => img.naturalWidth") > 0
 
             bad = page.locator(".card.error")
             expect(bad).to_have_count(1, timeout=30_000)
             expect(bad.locator(".name")).to_have_text("broken.jpg")
             expect(bad.locator(".error")).to_contain_text("broken.jpg: not an image")
+            expect(bad.locator(".tags li")).to_have_count(0)
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert not errors, errors

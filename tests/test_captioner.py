@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -134,13 +135,33 @@ def test_caption_cli_folder_with_a_broken_file(tiny_checkpoint, photos, tmp_path
     out = showtell_cli("caption", folder, "--model", tiny_checkpoint)
     assert out.returncode == 1
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 4 and all(line.count("\t") == 1 and line.split("\t")[1] for line in lines)
+    assert len(lines) == 4 and all(line.count("\t") == 2 and line.split("\t")[1] for line in lines)
+    # path, caption, then the five most probable ImageNet classes: "tags: Egyptian cat (0.26), tiger cat (0.23), ..."
+    assert all(re.fullmatch(r"tags: [^\t]+ \(\d\.\d\d\)(, [^\t]+ \(\d\.\d\d\)){4}", line.split("\t")[2])
+               for line in lines)
     assert [line for line in out.stderr.splitlines()] == [
         f"showtell: error: {folder / 'broken.jpg'}: not an image file (unrecognised format)"]
     ok = showtell_cli("caption", photos / "coffee.jpg", "--model", tiny_checkpoint, "--format", "jsonl")
     assert ok.returncode == 0
     row = json.loads(ok.stdout)
-    assert set(row) == {"image", "caption", "score"} and row["caption"]
+    assert set(row) == {"image", "caption", "score", "tags"} and row["caption"]
+
+
+def test_caption_cli_tags(tiny_checkpoint, photos):
+    paths = [photos / "chelsea.jpg", photos / "coffee.jpg"]
+    jsonl = showtell_cli("caption", *paths, "--model", tiny_checkpoint, "--format", "jsonl", "--tags", "3")
+    none = showtell_cli("caption", *paths, "--model", tiny_checkpoint, "--tags", "0")
+    assert jsonl.returncode == none.returncode == 0 and not jsonl.stderr + none.stderr
+    rows = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    for row in rows:
+        assert [set(t) for t in row["tags"]] == [{"label", "p"}] * 3
+        probs = [t["p"] for t in row["tags"]]
+        assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs) and sum(probs) <= 1
+    assert rows[0]["tags"][0]["label"] == "Egyptian cat" and rows[1]["tags"][0]["label"] == "espresso"
+    # --tags 0: the two columns as before tags existed
+    assert none.stdout.splitlines() == [f"{row['image']}\t{row['caption']}" for row in rows]
+    bad = showtell_cli("caption", *paths, "--model", tiny_checkpoint, "--tags", "-1")
+    assert bad.returncode == 1 and bad.stderr == "showtell: error: --tags must be >= 0 (0: no tags), got -1\n"
 
 
 def test_caption_cli_bad_model_is_one_line(tmp_path, photos):

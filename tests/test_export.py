@@ -17,7 +17,7 @@ import showtell
 from showtell.checkpoint import load_checkpoint, save_checkpoint
 from showtell.decoding import DecodingOptions, decode
 from showtell.encoders import Preprocess, encoder_info
-from showtell.export import CONFIG_NAME, FILES, TOLERANCE, export_onnx
+from showtell.export import CONFIG_NAME, FILES, TAGGER_FILE, TOLERANCE, export_onnx
 from showtell.images import load_image
 from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.onnx_runtime import beam_search, load_onnx, preprocess
@@ -72,8 +72,11 @@ def test_export_folder_has_checked_graphs_and_a_complete_config(tiny_export, tin
 
     config = json.loads((tiny_export / CONFIG_NAME).read_text())
     ckpt = load_checkpoint(tiny_checkpoint)
-    for name in FILES.values():
+    for name in [*FILES.values(), TAGGER_FILE]:
         onnx.checker.check_model(onnx.load(str(tiny_export / name)), full_check=True)
+    assert config["files"] == {**FILES, "tagger": TAGGER_FILE}
+    assert config["tags"]["rule"] == "mean_prob" and config["tags"]["heads"] == ["lite0"]
+    assert len(config["tags"]["lemmas"]) == 1000 and config["tags"]["lemmas"][281] == ["tabby", "tabby cat"]
     assert config["vocab"]["tokens"] == ckpt.vocab.itos
     assert config["special_ids"] == {"pad": 0, "start": 1, "end": 2, "unk": 3}
     assert config["preprocess"] == ckpt.preprocess == encoder_info("efficientnet_lite0")["preprocess"]
@@ -177,6 +180,50 @@ def test_onnx_captions_equal_torch_captions(which, beam, request, photos):
     assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=1e-4)
     if which != "tiny":  # the captions depend on the photo
         assert len({r.caption for r in expected}) >= 3
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("pair", marks=pytest.mark.slow)])
+def test_onnx_tags_equal_torch_tags(which, request, photos, tmp_path_factory):
+    """The tagger graph of a one-network encoder, and of the paired one (two heads, mean_prob)."""
+    if which == "tiny":
+        checkpoint, folder = request.getfixturevalue("tiny_checkpoint"), request.getfixturevalue("tiny_export")
+    else:
+        ckpt, info = load_checkpoint(request.getfixturevalue("tiny_checkpoint")), encoder_info("efficientnet_lite0+2")
+        torch.manual_seed(0)
+        model = CaptionModel(ModelConfig(vocab_size=len(ckpt.vocab), feature_dim=2560, embed_dim=32, hidden_dim=64))
+        checkpoint = tmp_path_factory.mktemp("ckpt") / "pair.safetensors"
+        save_checkpoint(checkpoint, model.eval(), ckpt.vocab, info["name"], info["preprocess"], meta={"name": "pair"})
+        folder = tmp_path_factory.mktemp("onnx") / "pair"
+        assert export_onnx(checkpoint, folder, quiet=True)["tags"]["heads"] == ["lite0", "lite2"]
+    images = sorted(photos.iterdir())
+    expected = showtell.load(checkpoint).caption(images, beam_size=1)
+    got = load_onnx(folder).caption(images, beam_size=1)
+    for g, e in zip(got, expected, strict=True):
+        assert len(e.tags) == 5 and [label for label, _ in g.tags] == [label for label, _ in e.tags]
+        assert [p for _, p in g.tags] == pytest.approx([p for _, p in e.tags], abs=1e-3)
+    assert {r.tags[0][0] for r in got} >= {"Egyptian cat", "espresso"}
+
+
+def test_onnx_export_without_a_tagger_says_why(tiny_export, photos, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_export, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["files"]["tagger"], config["tags"]  # as exported before tags, or from a fine-tuned encoder
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    result = load_onnx(folder).caption(photos / "coffee.jpg")[0]
+    assert result.caption and result.tags == [] and result.tags_note == "no tags: this export has no tagger.onnx"
+    config["tags_note"] = "no tags: encoder efficientnet_lite0 was fine-tuned with this model, so ..."
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    assert load_onnx(folder).caption(photos / "coffee.jpg")[0].tags_note == config["tags_note"]
+
+    config = json.loads((tiny_export / CONFIG_NAME).read_text())
+    for bad in ({"lemmas": "tabby"}, {"lemmas": [["tabby"]] * 999}, {"lemmas": [[1]] * 1000}, []):
+        (folder / CONFIG_NAME).write_text(json.dumps({**config, "tags": bad}))
+        run = showtell_cli("caption", photos / "coffee.jpg", "--runtime", "onnx", "--model", folder)
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert run.stderr.startswith(f"showtell: error: {folder / CONFIG_NAME}: 'tags' "), run.stderr
 
 
 def test_onnx_caption_cli_runs_without_torch(tiny_export, tiny_checkpoint, photos, tmp_path):

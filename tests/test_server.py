@@ -77,13 +77,15 @@ def test_caption_multipart_and_raw_body_give_the_same_caption(client, photos, ca
     r = client.post("/v1/caption", files={"file": ("chelsea.jpg", data, "image/jpeg")})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"caption", "score", "alternatives", "model", "elapsed_ms"}
+    assert set(body) == {"caption", "score", "alternatives", "tags", "model", "elapsed_ms"}
     assert body["caption"] and body["model"] == "tiny" and body["elapsed_ms"] > 0
     assert body["score"] <= 0
     assert len(body["alternatives"]) == 2  # beam 3: the best plus two more
     assert all(a["score"] <= body["score"] + 1e-4 for a in body["alternatives"])
     expected = captioner.caption(data, num_return=3)[0]
     assert body["caption"] == expected.caption
+    assert body["tags"] == [{"label": label, "p": round(p, 4)} for label, p in expected.tags]  # five, best first
+    assert len(body["tags"]) == 5 and body["tags"][0]["label"] == "Egyptian cat"
 
     raw = client.post("/v1/caption", content=data, headers={"content-type": "image/jpeg"})
     assert raw.status_code == 200
@@ -100,6 +102,7 @@ def test_several_files_one_bad_does_not_fail_the_rest(client, photos):
     out = r.json()
     assert [o["file"] for o in out] == ["astronaut.jpg", "page.jpg", "coffee.jpg", "empty.png"]
     assert out[0]["caption"] and out[2]["caption"] and len(out[0]["alternatives"]) == 2
+    assert out[2]["tags"][0]["label"] == "espresso" and "tags" not in out[1]
     assert out[1]["status"] == 415 and out[1]["error"].startswith("page.jpg: not an image")
     assert out[3]["status"] == 400 and "empty" in out[3]["error"]
 
