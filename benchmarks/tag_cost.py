@@ -3,12 +3,12 @@
     python benchmarks/tag_cost.py [--model FILE] [--n 64] [--rounds 5]
 
 ``--n`` photos (examples/images repeated), beam 3, the captioner's default batch size, with ``tags=5`` and with
-``tags=0``, alternating, the first of each round alternating too; each is the best of ``--rounds``, in wall time
-and in this process's CPU time. On a shared, busy machine (2 cores, load 8) wall times of the same call varied
-by 50% from round to round, so trust ``cpu_overhead`` and ``tagger_share`` there. ``tagger_only`` times the
-tagger alone on the same number of feature rows: its whole cost, free of the noise of the rest. The last line is a JSON object: ``overhead`` = time
-with tags / time without - 1 (``cpu_overhead`` the same in CPU time), ``tagger_share`` = tagger alone / time
-without tags.
+``tags=0``, alternating, the first of each round alternating too; each is the best of ``--rounds``, in wall time and
+in this process's CPU time. On a shared, busy machine (2 cores, load 8) wall times of the same call varied by 50%
+from round to round, so trust ``cpu_overhead`` and ``tagger_share`` there. ``tagger_only`` times the tagger alone on
+the same number of feature rows: its whole cost, free of the noise of the rest. The last line is a JSON object:
+``overhead`` = time with tags / time without - 1 (``cpu_overhead`` the same in CPU time), ``tagger_share`` = tagger
+alone / time without tags.
 """
 
 from __future__ import annotations
