@@ -161,7 +161,8 @@ def test_caption_cli_tags(tiny_checkpoint, photos):
     # --tags 0: the two columns as before tags existed
     assert none.stdout.splitlines() == [f"{row['image']}\t{row['caption']}" for row in rows]
     bad = showtell_cli("caption", *paths, "--model", tiny_checkpoint, "--tags", "-1")
-    assert bad.returncode == 1 and bad.stderr == "showtell: error: --tags must be >= 0 (0: no tags), got -1\n"
+    assert bad.returncode == 2 and bad.stderr == ("showtell: error: argument --tags: must be 0 to 1000, got -1 "
+                                                  "(see showtell caption --help)\n")
 
 
 def test_caption_cli_bad_model_is_one_line(tmp_path, photos):

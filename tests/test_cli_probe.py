@@ -133,7 +133,7 @@ def test_odd_file_names_are_written_safely(tmp_path, photo, tiny_checkpoint):
     lines = Path(text_out).read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[0] for line in lines] == [
         f"{folder}/back\\\\slash.jpg", f"{folder}/caf\\xe9.jpg", f"{folder}/new\\nline\\tand tab.jpg"]
-    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+    assert all(len(line.split("\t")) == 3 and line.split("\t")[1] for line in lines)  # path, caption, tags
     # jsonl: the exact bytes of each name come back through json.loads + os.fsencode
     rows = [json.loads(line) for line in jsonl.stdout.splitlines()]
     names = {os.path.basename(os.fsencode(r["image"])) for r in rows if r["caption"]}
@@ -296,7 +296,7 @@ def test_jsonl_has_a_row_for_each_failed_photo_and_resume_tries_it_again(tmp_pat
         f"showtell: error: {folder / 'b.jpg'}: not an image file (unrecognised format)"]
     rows = [json.loads(line) for line in fresh.read_text().splitlines()]  # and each input once in the file
     assert [r["image"] for r in rows] == [str(tmp_path / "empty.jpg"), *(str(folder / f"{n}.jpg") for n in "abc")]
-    assert rows[1]["caption"] and set(rows[1]) == {"image", "caption", "score"}
+    assert rows[1]["caption"] and set(rows[1]) == {"image", "caption", "score", "tags"}
     assert rows[2] == {"image": str(folder / "b.jpg"), "caption": None, "score": None,
                        "error": f"{folder / 'b.jpg'}: not an image file (unrecognised format)"}
     assert rows[0]["caption"] is None and rows[0]["error"].endswith("not an image")
