@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import REPO
@@ -113,3 +117,18 @@ def test_fine_tuned_encoder_checkpoint_gives_no_tags_with_a_note(tiny_checkpoint
     assert result.to_dict()["tags_note"] == result.tags_note
     assert captioner.caption(img, tags=0)[0].tags_note is None  # none asked for: nothing to explain
     assert showtell.load(tiny_checkpoint).caption(img)[0].tags[0][0] in CATS  # the same encoder, not fine-tuned
+
+
+def test_tag_heads_script_scores_each_rule_on_labelled_photos(tmp_path):
+    table = tmp_path / "objects.csv"
+    table.write_text("image,object,imagenet\n"
+                     f"{EXAMPLES / 'chelsea.jpg'},cat,281 282 283 284 285\n"
+                     f"{EXAMPLES / 'coffee.jpg'},coffee,967 968\n"
+                     f"{EXAMPLES / 'camera.jpg'},camera,759\n"  # the tripod wins; the camera is not in the top 3
+                     f"{EXAMPLES / 'hubble_deep_field.jpg'},galaxies,\n")  # no ImageNet class: not scored
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "tag_heads.py"), str(table), "--encoder",
+                          "efficientnet_lite0"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert out["photos"] == 3 and out["no_imagenet_class"] == 1 and out["unreadable"] == {}
+    assert out["rules"]["lite0"] == out["rules"]["mean_prob"] == {"top1": round(2 / 3, 4), "top3": round(2 / 3, 4)}

@@ -23,6 +23,8 @@ from torch import nn
 
 from showtell.errors import ShowtellError
 
+# python scripts/tag_heads.py tests/data/ood/objects.csv, the shipped model's lite0+2 (75 photos with an ImageNet
+# class): top-1 mean_prob 0.827, mean_logit 0.813, lite2 0.800, lite0 0.760; top-3 0.880 for all but mean_logit (0.867)
 DEFAULT_RULE = "mean_prob"
 MEAN_RULES = ("mean_prob", "mean_logit")
 
