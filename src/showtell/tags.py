@@ -17,6 +17,7 @@ Labels are ImageNet's own (timm's ImageNetInfo, shipped with timm): ``label(i)``
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class Tagger(nn.Module):
             raise ShowtellError(f"unknown tag rule {rule!r}; use one of {', '.join(self.rules)}")
         self.rule = rule
         self.heads = nn.ModuleList(head for _, head in heads)
-        ends = torch.tensor([head.in_features for _, head in heads]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(head.in_features for _, head in heads))
         self.slices = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]
         self.feature_dim = ends[-1]
         self._lemmas = imagenet_lemmas()
