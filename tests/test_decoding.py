@@ -331,3 +331,29 @@ def test_empty_batch():
 def test_invalid_options_are_user_errors(kwargs):
     with pytest.raises(ShowtellError):
         DecodingOptions(**kwargs)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_prefix_starts_every_caption_and_counts_in_its_logprob(trained, beam_size):
+    model, features, _, words, _ = trained
+    prefix = tuple(words[2][:2])  # "a cat", forced onto every image, even the dog's
+    results = decode(model, features, DecodingOptions(beam_size=beam_size, num_return=beam_size, prefix=prefix))
+    assert all(h.tokens[:2] == list(prefix) for hyps in results for h in hyps)
+    assert results[2][0].tokens == words[2]  # the cat's own caption is unchanged
+    # the forced words' log-probabilities are part of the caption's: a forced caption is less likely than its own
+    own = decode(model, features, DecodingOptions(beam_size=beam_size))
+    assert results[0][0].logprob < own[0][0].logprob
+
+
+def test_unk_is_allowed_in_the_prefix_only():
+    model = random_model(seed=3, vocab_size=30)
+    with torch.no_grad():
+        model.head.bias[UNK] = 50.0  # the model would say <unk> everywhere
+    (hyp,), = decode(model, torch.randn(1, 10), DecodingOptions(max_length=5, prefix=(5, UNK)))
+    assert hyp.tokens[:2] == [5, UNK] and UNK not in hyp.tokens[2:]
+    assert math.isfinite(hyp.logprob)
+
+
+def test_a_prefix_as_long_as_max_length_is_refused():
+    with pytest.raises(ShowtellError, match="prefix"):
+        DecodingOptions(max_length=2, prefix=(5, 6))

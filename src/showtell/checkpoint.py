@@ -30,7 +30,7 @@ from showtell.vocab import Vocabulary
 
 FORMAT = "showtell-checkpoint"
 FORMAT_VERSION = 1
-EXTRA_PREFIXES = ("optimizer/", "encoder/")
+EXTRA_PREFIXES = ("optimizer/", "encoder/", "confidence/")
 WEIGHTS = ("fp32", "fp16", "int8")
 INT8_SCALE = ".int8_scale"
 

@@ -46,6 +46,7 @@ class DecodingOptions:
     num_return: int = 1  # hypotheses per image (<= beam_size)
     suppress_unk: bool = True  # never emit <unk>
     seed: int | None = None  # sampling: a seed makes the samples reproducible
+    prefix: tuple[int, ...] = ()  # token ids every caption starts with (whisper's prefix); <unk> allowed here
 
     def __post_init__(self) -> None:
         def integer(name: str, minimum: int, maximum: int = sys.maxsize) -> None:
@@ -71,6 +72,9 @@ class DecodingOptions:
             raise ShowtellError(f"decoding: length_penalty must be a number from 0 to 10, got {self.length_penalty!r}")
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ShowtellError(f"decoding: seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+        if len(self.prefix) >= self.max_length:
+            raise ShowtellError(f"decoding: a prefix of {len(self.prefix)} words leaves no room in max_length "
+                                f"{self.max_length}")
 
 
 @dataclass
@@ -99,13 +103,32 @@ class NaNIsImpossible(LogitFilter):
 
 
 class SuppressTokens(LogitFilter):
-    def __init__(self, token_ids: list[int]):
+    """Never produce these tokens (from word ``from_step`` on)."""
+
+    def __init__(self, token_ids: list[int], from_step: int = 0):
         self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        self.from_step = from_step
 
     def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
+        if tokens.shape[1] < self.from_step:
+            return
         if self.token_ids.device != logprobs.device:
             self.token_ids = self.token_ids.to(logprobs.device)
         logprobs.index_fill_(1, self.token_ids, -math.inf)
+
+
+class ForcePrefix(LogitFilter):
+    """The first words are given: every other token is impossible there; the given one keeps its log-probability."""
+
+    def __init__(self, prefix: tuple[int, ...]):
+        self.prefix = prefix
+
+    def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
+        t = tokens.shape[1]
+        if t < len(self.prefix):
+            keep = logprobs[:, self.prefix[t]].clone()
+            logprobs.fill_(-math.inf)
+            logprobs[:, self.prefix[t]] = keep
 
 
 class NoRepeatNgram(LogitFilter):
@@ -290,10 +313,12 @@ class BeamSearchDecoder:
 
 
 def make_filters(options: DecodingOptions, start_id: int = 1, unk_id: int = 3, pad_id: int = 0) -> list[LogitFilter]:
-    """NaN counts as impossible; <pad> and <start> are never produced, nor <unk> with ``suppress_unk``; then n-gram
-    blocking if asked."""
-    suppress = [pad_id, start_id] + ([unk_id] if options.suppress_unk else [])
-    filters: list[LogitFilter] = [NaNIsImpossible(), SuppressTokens(suppress)]
+    """NaN counts as impossible; the prefix's words first; <pad> and <start> are never produced, nor <unk> with
+    ``suppress_unk`` (except where the prefix puts it); then n-gram blocking if asked."""
+    filters: list[LogitFilter] = [NaNIsImpossible()] + ([ForcePrefix(options.prefix)] if options.prefix else [])
+    filters.append(SuppressTokens([pad_id, start_id]))
+    if options.suppress_unk:
+        filters.append(SuppressTokens([unk_id], from_step=len(options.prefix)))
     if options.no_repeat_ngram_size > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram_size))
     return filters

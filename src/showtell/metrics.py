@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,7 @@ class Scores:
     values: dict[str, float]  # metric name -> value (a fraction, as pycocoevalcap returns it); only metrics computed
     skipped: dict[str, str]  # metric name -> why it was not computed
     tokenizer: str  # "ptb" or "showtell": how captions were split before scoring
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # CIDEr and METEOR of each image by id
 
 
 def java_available() -> bool:
@@ -90,6 +91,7 @@ def score_captions(
     from pycocoevalcap.rouge.rouge import Rouge
 
     values: dict[str, float] = {}
+    per_image: dict[str, dict[str, float]] = {}
     skipped = {"SPICE": SPICE_REASON}
     if "METEOR" in wanted and not java:
         skipped["METEOR"] = NO_JAVA_REASON
@@ -112,17 +114,19 @@ def score_captions(
             if "ROUGE-L" in wanted:
                 values["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
             if "CIDEr" in wanted:
-                values["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+                value, each = Cider().compute_score(gts, res)
+                values["CIDEr"] = float(value)
+                per_image["CIDEr"] = dict(zip(gts, map(float, each)))
             if meteor is not None:
                 try:
-                    values["METEOR"] = _meteor(meteor, gts, res)
+                    values["METEOR"], per_image["METEOR"] = _meteor(meteor, gts, res)
                 except ShowtellError as e:  # the java process died: say so, keep the other metrics
                     skipped["METEOR"] = str(e)
     finally:
         if meteor is not None:
             _close(meteor)
     values = {m: values[m] for m in METRIC_NAMES if m in wanted and m in values}
-    return Scores(values=values, skipped=skipped, tokenizer=tokenizer)
+    return Scores(values=values, skipped=skipped, tokenizer=tokenizer, per_image=per_image)
 
 
 def _check_inputs(
@@ -167,20 +171,22 @@ def _ptb_tokenize(texts: list[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in punct) for line in lines[:-1]]
 
 
-def _meteor(meteor: Meteor, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
-    """pycocoevalcap's METEOR on texts without "|" (``|||`` separates fields on METEOR's stdin)."""
+def _meteor(meteor: Meteor, gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, dict[str, float]]:
+    """pycocoevalcap's METEOR on texts without "|" (``|||`` separates fields on METEOR's stdin): the corpus
+    score and each image's."""
 
     def clean(texts: list[str]) -> list[str]:
         return [" ".join(s.replace("|", " ").split()) if "|" in s else s for s in texts]
 
     try:
-        score, _ = meteor.compute_score({k: clean(v) for k, v in gts.items()}, {k: clean(v) for k, v in res.items()})
+        score, each = meteor.compute_score({k: clean(v) for k, v in gts.items()},
+                                           {k: clean(v) for k, v in res.items()})
     except (OSError, ValueError):  # java died: a broken pipe or an empty reply
         meteor.meteor_p.kill()
         meteor.meteor_p.wait()
         why = meteor.meteor_p.stderr.read().decode(errors="replace").strip().splitlines() or ["no reply"]
         raise ShowtellError(f"METEOR (java) failed: {why[-1]}") from None
-    return float(score)
+    return float(score), dict(zip(gts, map(float, each)))
 
 
 def _close(meteor: Meteor) -> None:

@@ -1,0 +1,100 @@
+"""The confidence model and the grounding rule: fitted numbers, stored and refused like any checkpoint field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from showtell.confidence import CENTROIDS, INPUTS, ConfidenceModel, beam_agreement, familiarity, kmeans, tag_agreement
+from showtell.errors import ShowtellError
+from showtell.grounding import GroundingRule, guided_prefix, text_of
+from showtell.vocab import Vocabulary
+
+
+def test_fit_recovers_a_calibrated_probability():
+    torch.manual_seed(0)
+    x = torch.randn(4000, len(INPUTS))
+    p_true = torch.sigmoid(2 * x[:, 0] - x[:, 3] + 0.5)
+    y = torch.bernoulli(p_true)
+    model = ConfidenceModel.fit(x, y, torch.randn(3, 8), {})
+    p = model(x)
+    assert ((p >= 0) & (p <= 1)).all()
+    assert (p - p_true).abs().mean() < 0.03  # close to the probability that generated the labels
+    for lo in (0.1, 0.3, 0.5, 0.7):  # calibrated: in each band, the share of positives matches the mean prediction
+        band = (p >= lo) & (p < lo + 0.2)
+        assert abs(y[band].mean() - p[band].mean()) < 0.05
+
+
+def test_inputs():
+    assert beam_agreement("a cat on a mat".split(), [["a", "cat"], "a dog on a rug".split()]) == pytest.approx(
+        (2 / 4 + 2 / 4) / 2)
+    assert beam_agreement(["cat"], []) == 1.0
+    words = {281: frozenset({"cat"}), 207: frozenset({"dog"})}
+    assert tag_agreement("a cat sleeps".split(), [(281, 0.6), (207, 0.3)], words) == pytest.approx(0.6)
+    assert tag_agreement("a man runs".split(), [(281, 0.6), (207, 0.3)], words) == 0.0
+    centroids = torch.eye(3)
+    assert familiarity(torch.tensor([[2.0, 0, 0], [1, 1, 0]]), centroids).tolist() == pytest.approx(
+        [1.0, 1 / math.sqrt(2)])
+
+
+def test_kmeans_finds_separated_clusters():
+    torch.manual_seed(0)
+    centers = torch.eye(4) * 10
+    x = torch.cat([c + torch.randn(50, 4) for c in centers])
+    found = kmeans(x, 4)
+    assert familiarity(centers, found).min() > 0.98
+
+
+def test_round_trip_through_checkpoint_metadata():
+    model = ConfidenceModel((1.0, -0.5, 0.25, 2.0, 0.1), -0.3, (0.1,) * 5, (2.0,) * 5, torch.randn(4, 6),
+                            {281: frozenset({"cat"})})
+    meta, tensors = model.to_meta()
+    again = ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
+    x = torch.randn(7, 5)
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+    assert again.tag_words == {281: frozenset({"cat"})}
+
+
+@pytest.mark.parametrize("change", [
+    lambda m, t: m.update(weights=[1.0, 2.0]),
+    lambda m, t: m.update(weights=[float("nan")] * 5),
+    lambda m, t: m.update(bias="x"),
+    lambda m, t: m.update(std=[0.0] * 5),
+    lambda m, t: m.update(inputs=["score"]),
+    lambda m, t: m.update(tag_words={"cat": ["cat"]}),
+    lambda m, t: m.update(tag_words={"5000": ["cat"]}),
+    lambda m, t: t.pop(CENTROIDS),
+    lambda m, t: t.update({CENTROIDS: torch.randn(4, 7)}),
+    lambda m, t: t.update({CENTROIDS: torch.full((4, 6), float("inf"))}),
+])
+def test_a_corrupt_field_is_refused_in_one_line(change):
+    meta, tensors = ConfidenceModel((0.0,) * 5, 0.0, (0.0,) * 5, (1.0,) * 5, torch.randn(4, 6), {}).to_meta()
+    change(meta, tensors)
+    with pytest.raises(ShowtellError, match="bad confidence model") as e:
+        ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
+    assert "\n" not in str(e.value)
+
+
+def test_grounding_rule():
+    rule = GroundingRule(low_confidence=0.3, sure_tag=0.5)
+    assert rule.applies(confidence=0.1, tag_p=0.8, agrees=False)
+    assert not rule.applies(confidence=0.1, tag_p=0.8, agrees=True)  # the caption already names it
+    assert not rule.applies(confidence=0.5, tag_p=0.8, agrees=False)  # the caption is probably right
+    assert not rule.applies(confidence=0.1, tag_p=0.2, agrees=False)  # the tag is not sure either
+    assert GroundingRule.from_meta(rule.to_meta()) == rule
+    for bad in ({"low_confidence": 2, "sure_tag": 0.5}, {"sure_tag": 0.5}, [], {"low_confidence": True, "sure_tag": 0}):
+        with pytest.raises(ShowtellError, match="bad grounding rule"):
+            GroundingRule.from_meta(bad)
+
+
+def test_guided_prefix_uses_a_vocabulary_word_or_the_tag_name():
+    vocab = Vocabulary.build(["a cat sits on an orange mat", "a dog runs"], min_count=1)
+    prefix, unk_as = guided_prefix(vocab, "tabby", ["tabby", "cat"])
+    assert [vocab.itos[i] for i in prefix] == ["a", "cat"] and unk_as is None
+    prefix, unk_as = guided_prefix(vocab, "electric locomotive", ["locomotive"])
+    assert prefix == (vocab.stoi["an"], vocab.unk_id) and unk_as == "electric locomotive"
+    tokens = [vocab.stoi["an"], vocab.unk_id, vocab.stoi["sits"], vocab.end_id]
+    assert text_of(vocab, tokens, "electric locomotive") == "an electric locomotive sits"
+    assert text_of(vocab, tokens, None) == "an sits"
