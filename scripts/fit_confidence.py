@@ -159,10 +159,10 @@ def main() -> int:
     refs = [list(r.captions) for r in records]
     cider_own = per_image_cider(refs, [b[0][0] for b in own])
     cider_guided = per_image_cider(refs, [b[0][0] for b in guided])
-    word_sets = {c: frozenset(w) for c, w in words.items()}
+    word_sets = {c: tuple(w) for c, w in words.items()}
     blank = ConfidenceModel((0.0,) * 5, 0.0, (0.0,) * 5, (1.0,) * 5, centroids, word_sets)
     x_own, x_guided = blank.inputs(feats, own, probs), blank.inputs(feats, guided, probs)
-    agrees = np.array([bool(set(b[0][0].split()) & word_sets.get(c, frozenset()))
+    agrees = np.array([bool(set(b[0][0].split()).intersection(word_sets.get(c, ())))
                        for b, c in zip(own, top_class.tolist())])
     tag_p = top_p.numpy()
 

@@ -31,7 +31,7 @@ def test_inputs():
     assert beam_agreement("a cat on a mat".split(), [["a", "cat"], "a dog on a rug".split()]) == pytest.approx(
         (2 / 4 + 2 / 4) / 2)
     assert beam_agreement(["cat"], []) == 1.0
-    words = {281: frozenset({"cat"}), 207: frozenset({"dog"})}
+    words = {281: ("cat",), 207: ("dog", "puppy")}
     assert tag_agreement("a cat sleeps".split(), [(281, 0.6), (207, 0.3)], words) == pytest.approx(0.6)
     assert tag_agreement("a man runs".split(), [(281, 0.6), (207, 0.3)], words) == 0.0
     centroids = torch.eye(3)
@@ -49,12 +49,12 @@ def test_kmeans_finds_separated_clusters():
 
 def test_round_trip_through_checkpoint_metadata():
     model = ConfidenceModel((1.0, -0.5, 0.25, 2.0, 0.1), -0.3, (0.1,) * 5, (2.0,) * 5, torch.randn(4, 6),
-                            {281: frozenset({"cat"})})
+                            {281: ("cat", "kitten")})
     meta, tensors = model.to_meta()
     again = ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
     x = torch.randn(7, 5)
     assert torch.allclose(again(x), model(x), atol=1e-6)
-    assert again.tag_words == {281: frozenset({"cat"})}
+    assert again.tag_words == {281: ("cat", "kitten")}
 
 
 @pytest.mark.parametrize("change", [
@@ -98,3 +98,56 @@ def test_guided_prefix_uses_a_vocabulary_word_or_the_tag_name():
     tokens = [vocab.stoi["an"], vocab.unk_id, vocab.stoi["sits"], vocab.end_id]
     assert text_of(vocab, tokens, "electric locomotive") == "an electric locomotive sits"
     assert text_of(vocab, tokens, None) == "an sits"
+
+
+def with_confidence(src, dst, rule: dict | None, feature_dim: int = 1280, **meta_changes):
+    """A copy of checkpoint ``src`` with a confidence model (and a grounding rule) stored in it."""
+    from showtell.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src)
+    torch.manual_seed(0)
+    words = {c: ("cat",) for c in range(281, 286)}  # the domestic cats
+    model = ConfidenceModel((1.0, 0.0, 0.5, 1.0, 1.0), 0.0, (-1.0, 0.5, 0.2, 0.1, 0.6), (1.0,) * 5,
+                            torch.randn(8, feature_dim), words)
+    conf, tensors = model.to_meta()
+    meta = {**ck.meta, "confidence": {**conf, **meta_changes}, **({"grounding": rule} if rule else {})}
+    save_checkpoint(dst, ck.model, ck.vocab, ck.encoder, ck.preprocess, meta=meta, extra_tensors=tensors)
+    return dst
+
+
+def test_every_caption_gets_a_confidence(tiny_checkpoint, photos, tmp_path):
+    import showtell
+
+    path = with_confidence(tiny_checkpoint, tmp_path / "c.safetensors", rule=None)
+    results = showtell.load(path).caption(sorted(photos.iterdir()))
+    assert all(r.ok and 0.0 <= r.confidence <= 1.0 and r.model_caption is None for r in results)
+    assert len({round(r.confidence, 6) for r in results}) > 1  # it depends on the photo
+    assert all("confidence" in r.to_dict() for r in results)
+
+
+def test_a_doubtful_caption_is_grounded_on_a_sure_tag(tiny_checkpoint, photos, tmp_path):
+    import showtell
+
+    always = {"low_confidence": 1.0, "sure_tag": 0.0}  # doubt every caption, trust every tag
+    captioner = showtell.load(with_confidence(tiny_checkpoint, tmp_path / "g.safetensors", rule=always))
+    cat, coffee = captioner.caption([photos / "chelsea.jpg", photos / "coffee.jpg"], beam_size=2)
+    assert cat.caption.startswith("a cat") and cat.model_caption is not None  # "cat": a word of the tabby tag
+    assert cat.to_dict()["model_caption"] == cat.model_caption
+    # "espresso" is not in this tiny vocabulary (nor "an"): the caption starts with the tag's name in place of <unk>
+    assert coffee.tags[0][0] == "espresso" and coffee.caption.startswith("a espresso ")
+    never = {"low_confidence": 0.0, "sure_tag": 1.0}
+    plain = showtell.load(with_confidence(tiny_checkpoint, tmp_path / "n.safetensors", rule=never))
+    (own,) = plain.caption([photos / "chelsea.jpg"], beam_size=2)
+    assert own.caption == cat.model_caption and own.model_caption is None
+
+
+def test_a_corrupt_confidence_field_is_refused_at_load(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    bad = with_confidence(tiny_checkpoint, tmp_path / "bad.safetensors", rule=None, weights=[1.0, "x"])
+    out = subprocess.run([sys.executable, "-m", "showtell", "caption", "--model", str(bad), str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"showtell: error: {bad}: bad confidence model in checkpoint: "
+                                               "'weights' must be 5 finite numbers"]

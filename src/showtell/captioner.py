@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from showtell.checkpoint import Checkpoint, load_checkpoint
-from showtell.decoding import DecodingOptions, decode
+from showtell.confidence import ConfidenceModel
+from showtell.decoding import DecodingOptions, Hypothesis, decode
 from showtell.errors import CheckpointError, ShowtellError
+from showtell.grounding import Grounding, GroundingRule
 from showtell.images import ImageInput, prepare
-from showtell.result import BatchCaptioning
+from showtell.result import BatchCaptioning, Described
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "flickr8k"
@@ -58,6 +61,7 @@ class Captioner(BatchCaptioning):
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
+        self.grounding = self._grounding(checkpoint)
         self.preprocess = Preprocess.from_dict(checkpoint.preprocess)
         self.transform = self.preprocess.transform(train=False)
         self.name = str(checkpoint.meta.get("name", checkpoint.encoder))
@@ -75,11 +79,25 @@ class Captioner(BatchCaptioning):
         with torch.inference_mode():
             return encode(self.encoder, images.to(self.device))
 
+    def _grounding(self, checkpoint: Checkpoint) -> Grounding | None:
+        """The checkpoint's confidence model and grounding rule (scripts/fit_confidence.py), when it has them and
+        there are tags to read them with."""
+        meta = checkpoint.meta
+        if "confidence" not in meta and "grounding" not in meta:
+            return None
+        confidence = ConfidenceModel.from_meta(meta.get("confidence"), checkpoint.extra_tensors,
+                                               self.model.config.feature_dim)
+        rule = GroundingRule.from_meta(meta["grounding"]) if "grounding" in meta else None
+        return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
+
+    def hypotheses(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+        return decode(self.model, feats.to(self.device), options, start_id=self.vocab.start_id,
+                      end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
+
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
         """Decode encoder features: per image, (caption, score) pairs best first."""
-        hyps = decode(self.model, feats.to(self.device), options, start_id=self.vocab.start_id,
-                      end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
-        return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in hyps]
+        return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image]
+                for per_image in self.hypotheses(feats, options)]
 
     def _stack(self, arrays: list) -> torch.Tensor:
         return torch.stack(arrays)
@@ -94,10 +112,18 @@ class Captioner(BatchCaptioning):
             return [[] for _ in range(len(feats))]
         return self.tagger.top(feats.to(self.device), k)
 
-    def _describe(self, images: torch.Tensor, options: DecodingOptions,
-                  tags: int) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+    def _describe(self, images: torch.Tensor, options: DecodingOptions, tags: int) -> list[Described]:
         feats = self.features(images)
-        return self.caption_features(feats, options), self.tag_features(feats, tags)
+        image_tags = self.tag_features(feats, tags)
+        if self.grounding is None:
+            return [Described(beams, t) for beams, t in zip(self.caption_features(feats, options), image_tags)]
+        every = replace(options, num_return=options.beam_size)  # the confidence compares the beams
+        own = self.caption_features(feats, every)
+        with torch.inference_mode():
+            judged = self.grounding(lambda f, prefix: self.hypotheses(f, replace(every, prefix=prefix)), feats, own,
+                                    self.tagger(feats.to(self.device)))
+        return [Described(beams[:options.num_return], t, confidence, mine[0][0] if grounded else None)
+                for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 
 
 def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu") -> Captioner:

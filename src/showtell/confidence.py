@@ -42,10 +42,10 @@ def beam_agreement(words: Sequence[str], others: Sequence[Sequence[str]]) -> flo
 
 
 def tag_agreement(words: Sequence[str], top: Sequence[tuple[int, float]],
-                  tag_words: dict[int, frozenset[str]]) -> float:
+                  tag_words: dict[int, tuple[str, ...]]) -> float:
     """Total probability of the top tags (class index, p) that share a word with the caption."""
     mine = set(words)
-    return sum(p for c, p in top if mine & tag_words.get(c, frozenset()))
+    return sum(p for c, p in top if mine.intersection(tag_words.get(c, ())))
 
 
 def familiarity(features: Tensor, centroids: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ class ConfidenceModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     centroids: Tensor  # [K, feature_dim], unit rows
-    tag_words: dict[int, frozenset[str]]  # ImageNet class -> caption words that agree with it
+    tag_words: dict[int, tuple[str, ...]]  # ImageNet class -> caption words that agree with it, best first
 
     def inputs(self, features: Tensor, beams: Sequence[Sequence[tuple[str, float]]], tag_probs: Tensor) -> Tensor:
         """[N, len(INPUTS)] for N images: their features, their beams ((caption, score), best first; the first is
@@ -97,7 +97,7 @@ class ConfidenceModel:
         return torch.sigmoid(z @ torch.tensor(self.weights) + self.bias)
 
     @classmethod
-    def fit(cls, inputs: Tensor, right: Tensor, centroids: Tensor, tag_words: dict[int, frozenset[str]],
+    def fit(cls, inputs: Tensor, right: Tensor, centroids: Tensor, tag_words: dict[int, tuple[str, ...]],
             l2: float = 1e-3) -> ConfidenceModel:
         """Logistic regression (L-BFGS, a little L2) of ``right`` [N] in {0, 1} on ``inputs`` [N, len(INPUTS)]."""
         x = inputs.double()
@@ -121,7 +121,7 @@ class ConfidenceModel:
         """JSON metadata and tensors for the checkpoint."""
         meta = {"inputs": list(INPUTS), "weights": list(self.weights), "bias": self.bias, "mean": list(self.mean),
                 "std": list(self.std), "right": f"per-image CIDEr-D >= {RIGHT_CIDER}",
-                "tag_words": {str(c): sorted(w) for c, w in sorted(self.tag_words.items())}}
+                "tag_words": {str(c): list(w) for c, w in sorted(self.tag_words.items())}}
         return meta, {CENTROIDS: self.centroids.half()}
 
     @classmethod
@@ -154,4 +154,4 @@ class ConfidenceModel:
             raise bad(f"'{CENTROIDS}' must be finite [K <= {MAX_CENTROIDS}, {feature_dim}], got {shape}")
         return cls(tuple(map(float, numbers["weights"])), float(numbers["bias"]), tuple(map(float, numbers["mean"])),
                    tuple(map(float, numbers["std"])), F.normalize(centroids.float(), dim=1),
-                   {int(k): frozenset(v) for k, v in words.items()})
+                   {int(k): tuple(v) for k, v in words.items()})

@@ -14,8 +14,13 @@ The thresholds are chosen on Flickr8k dev and the out-of-domain set by ``scripts
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import Tensor
+
+from showtell.confidence import ConfidenceModel
+from showtell.decoding import Hypothesis
 from showtell.errors import ShowtellError
 from showtell.vocab import Vocabulary, tokenize
 
@@ -49,12 +54,15 @@ def article(word: str) -> str:
 def guided_prefix(vocab: Vocabulary, label: str, words: list[str]) -> tuple[tuple[int, ...], str | None]:
     """The prefix that starts a caption about a tag: ("a", word) for the first of ``words`` (the tag's words, best
     first) in the vocabulary, else ("a", <unk>) and the label to write in place of <unk>."""
+    def starting(word: str) -> tuple[int, ...]:  # the article, when the vocabulary has it
+        first = vocab.stoi.get(article(word), vocab.stoi.get("a"))
+        return () if first is None else (first,)
+
     for word in words:
         if word in vocab.stoi:
-            first = article(word)
-            return (vocab.stoi.get(first, vocab.unk_id), vocab.stoi[word]), None
+            return (*starting(word), vocab.stoi[word]), None
     name = " ".join(tokenize(label)) or label
-    return (vocab.stoi.get(article(name), vocab.unk_id), vocab.unk_id), name
+    return (*starting(name), vocab.unk_id), name
 
 
 def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
@@ -63,3 +71,45 @@ def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
         return vocab.decode(tokens)
     parts = [unk_as if t == vocab.unk_id else vocab.decode([t]) for t in tokens]
     return " ".join(p for p in parts if p)
+
+
+Beams = list[tuple[str, float]]  # (caption, score), best first
+DecodeHyps = Callable[[Tensor, tuple[int, ...]], list[list[Hypothesis]]]  # features, prefix -> hypotheses per image
+
+
+class Grounding:
+    """The confidence of each caption, and a tag-grounded caption where ``rule`` says the caption is doubtful."""
+
+    def __init__(self, confidence: ConfidenceModel, rule: GroundingRule | None, tagger, vocab: Vocabulary):
+        self.confidence, self.rule, self.tagger, self.vocab = confidence, rule, tagger, vocab
+
+    def agrees(self, caption: str, tag: int) -> bool:
+        return bool(set(caption.split()).intersection(self.confidence.tag_words.get(tag, ())))
+
+    def guided_beams(self, decode_hyps: DecodeHyps, feats: Tensor, tags: list[int]) -> list[Beams]:
+        """Per image, the beams of a caption about its tag (see :func:`guided_prefix`)."""
+        out: list[Beams] = [[] for _ in tags]
+        groups: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
+        for n, tag in enumerate(tags):
+            words = list(self.confidence.tag_words.get(tag, ()))
+            groups.setdefault(guided_prefix(self.vocab, self.tagger.label(tag), words), []).append(n)
+        for (prefix, unk_as), rows in groups.items():
+            for n, hyps in zip(rows, decode_hyps(feats[rows], prefix)):
+                out[n] = [(text_of(self.vocab, h.tokens, unk_as), float(h.score)) for h in hyps]
+        return out
+
+    def __call__(self, decode_hyps: DecodeHyps, feats: Tensor, beams: list[Beams],
+                 probs: Tensor) -> list[tuple[float, Beams, bool]]:
+        """Per image: the confidence, the beams to return and whether they are grounded on the top tag instead of
+        the model's own (``beams``, decoded with every beam returned: the confidence compares them)."""
+        conf = self.confidence(self.confidence.inputs(feats, beams, probs)).tolist()
+        top_p, top_tag = (t.tolist() for t in probs.max(dim=1))
+        out = [(c, b, False) for c, b in zip(conf, beams)]
+        doubted = [n for n in range(len(beams)) if self.rule is not None
+                   and self.rule.applies(conf[n], top_p[n], self.agrees(beams[n][0][0], top_tag[n]))]
+        if doubted:
+            guided = self.guided_beams(decode_hyps, feats[doubted], [top_tag[n] for n in doubted])
+            guided_conf = self.confidence(self.confidence.inputs(feats[doubted], guided, probs[doubted])).tolist()
+            for n, b, c in zip(doubted, guided, guided_conf):
+                out[n] = (c, b, True)
+        return out

@@ -23,7 +23,7 @@ from PIL import Image
 from showtell.errors import ShowtellError
 from showtell.images import ImageInput, prepare
 from showtell.limits import MAX_BEAM_SIZE, MAX_HEADER_BYTES, MAX_LENGTH, check_int, check_preprocess
-from showtell.result import BatchCaptioning
+from showtell.result import BatchCaptioning, Described
 from showtell.vocab import Vocabulary
 
 CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module imports torch)
@@ -245,10 +245,10 @@ class OnnxCaptioner(BatchCaptioning):
         index = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.tag_lemmas[i][0], float(p[i])) for i in ix] for ix, p in zip(index.tolist(), probs)]
 
-    def _describe(self, images: np.ndarray, options: dict,
-                  tags: int) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+    def _describe(self, images: np.ndarray, options: dict, tags: int) -> list[Described]:
         feats = self.features(images)
-        return self.caption_features(feats, **options), self.tag_features(feats, tags)
+        return [Described(beams, image_tags) for beams, image_tags in
+                zip(self.caption_features(feats, **options), self.tag_features(feats, tags), strict=True)]
 
 
 def _read_config(path: Path) -> tuple[dict, dict]:

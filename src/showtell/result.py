@@ -22,7 +22,8 @@ class CaptionResult:
     error: str | None = None
     tags: list[tuple[str, float]] = field(default_factory=list)  # ImageNet (label, probability), best first
     tags_note: str | None = None     # why tags were asked for but there are none
-    confidence: float | None = None  # how likely the caption is right (not computed yet)
+    confidence: float | None = None  # the probability that the caption is right (showtell.confidence)
+    model_caption: str | None = None  # the model's own caption, when a confident tag overruled it (showtell.grounding)
 
     @property
     def ok(self) -> bool:
@@ -42,6 +43,8 @@ class CaptionResult:
         d: dict[str, Any] = {}
         if self.confidence is not None:
             d["confidence"] = round(float(self.confidence), 4)
+        if self.model_caption is not None:
+            d["model_caption"] = self.model_caption
         if self.tags:
             d["tags"] = [{"label": label, "p": round(float(p), 4)} for label, p in self.tags]
         if self.tags_note:
@@ -56,14 +59,24 @@ class CaptionResult:
         return "\t".join(parts)
 
 
+@dataclass
+class Described:
+    """What a captioner says of one image: its beams, (caption, score) best first, and what goes with them."""
+
+    beams: list[tuple[str, float]]
+    tags: list[tuple[str, float]] = field(default_factory=list)
+    confidence: float | None = None
+    model_caption: str | None = None
+
+
 class BatchCaptioning:
     """What the PyTorch and ONNX captioners share: images are loaded in threads, the readable ones of
     each batch are captioned together, and an unreadable one gets ``error`` instead of stopping the rest.
 
     A captioner provides ``_load(src) -> array or error message``, ``_stack(arrays)``,
     ``_options(beam_size, max_length, num_return, decoding)`` and ``_describe(stacked, options, tags)``,
-    which returns, per image, (caption, score) pairs best first, and per image up to ``tags`` ImageNet
-    (label, probability) pairs best first; ``tags_note`` says why there are none when the model has no tagger.
+    which returns a :class:`Described` per image, with up to ``tags`` ImageNet (label, probability) pairs best
+    first; ``tags_note`` says why there are none when the model has no tagger.
     """
 
     tags_note: str | None = None
@@ -74,8 +87,7 @@ class BatchCaptioning:
 
     def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> Any: ...
 
-    def _describe(self, stacked: Any, options: Any, tags: int) -> tuple[list[list[tuple[str, float]]],
-                                                                         list[list[tuple[str, float]]]]: ...
+    def _describe(self, stacked: Any, options: Any, tags: int) -> list[Described]: ...
 
     def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
                      batch_size: int = 16, num_return: int = 1, tags: int = 5,
@@ -106,15 +118,15 @@ class BatchCaptioning:
             if isinstance(x, str):
                 results[i].error = x
         if good:
-            described, tagged = self._describe(self._stack([loaded[i] for i in good]), options, tags)
-            for i, beams, image_tags in zip(good, described, tagged, strict=True):
-                if not beams:  # the decoders return only finite scores; a model whose outputs overflowed has none
-                    results[i].error = f"{results[i].image}: no caption, the model's outputs are NaN or infinite"
+            described = self._describe(self._stack([loaded[i] for i in good]), options, tags)
+            for i, d in zip(good, described, strict=True):
+                r = results[i]
+                if not d.beams:  # the decoders return only finite scores; a model whose outputs overflowed has none
+                    r.error = f"{r.image}: no caption, the model's outputs are NaN or infinite"
                     continue
-                results[i].caption, results[i].score = beams[0]
-                results[i].alternatives = beams[1:]
-                results[i].tags = image_tags
-                results[i].tags_note = self.tags_note if tags and not image_tags else None
+                (r.caption, r.score), r.alternatives = d.beams[0], d.beams[1:]
+                r.tags, r.confidence, r.model_caption = d.tags, d.confidence, d.model_caption
+                r.tags_note = self.tags_note if tags and not d.tags else None
         return results
 
     def caption(self, images: ImageInput | Iterable[ImageInput], **kwargs) -> list[CaptionResult]:
