@@ -113,7 +113,11 @@ class Captioner(BatchCaptioning):
         return self.tagger.top(feats.to(self.device), k)
 
     def _describe(self, images: torch.Tensor, options: DecodingOptions, tags: int) -> list[Described]:
-        feats = self.features(images)
+        return self.describe_features(self.features(images), options, tags)
+
+    def describe_features(self, feats: torch.Tensor, options: DecodingOptions, tags: int = 0) -> list[Described]:
+        """What the captioner says of images given their encoder features: beams, ``tags`` tags, confidence and
+        grounding (when the checkpoint has them); the same for photos and for features from the cache."""
         image_tags = self.tag_features(feats, tags)
         if self.grounding is None:
             return [Described(beams, t) for beams, t in zip(self.caption_features(feats, options), image_tags)]

@@ -363,26 +363,18 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from showtell.captioner import load
     from showtell.decoding import DecodingOptions
-    from showtell.evaluate import format_scores, generate, score_records, write_results
-    from showtell.features import extract_features
+    from showtell.evaluate import evaluate_records, format_scores, write_results
 
     captioner = load(args.model)
     corpus = _load_corpus(args)
     records = corpus.split(args.split)[: args.limit] if args.limit else corpus.split(args.split)
     if not records:
         raise ShowtellError(f"dataset has no '{args.split}' images")
-    cache = extract_features([r.image for r in records], captioner.checkpoint.encoder, args.cache_dir,
-                             quiet=args.quiet, encoder=captioner.encoder)
-    records = [r for r in records if str(r.image.resolve()) not in cache.failed]
-    import torch
-
-    feats = torch.from_numpy(cache.features[[cache.row(r.image.resolve()) for r in records], 0].astype("float32"))
     options = DecodingOptions(beam_size=args.beam_size, max_length=args.max_length,
                               length_penalty=args.length_penalty)
-    captions = generate(captioner.model, captioner.vocab, feats, options)
+    scores, summary, records, captions = evaluate_records(captioner, records, options, args.cache_dir, args.quiet)
     if args.results:
         write_results(args.results, records, captions)
-    scores, summary = score_records(records, captions)
     print(format_scores(scores, summary))
     if args.json:
         print(json.dumps({**scores.values, **summary, "beam_size": args.beam_size, "split": args.split,

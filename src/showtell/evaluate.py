@@ -61,7 +61,8 @@ def write_results(path: str | Path, records: list[CaptionRecord], captions: list
 def evaluate_records(captioner, records: list[CaptionRecord], options: DecodingOptions,
                      cache_dir: str | Path | None = None, quiet: bool = False,
                      metrics: tuple[str, ...] = METRIC_NAMES) -> tuple[Scores, dict, list[CaptionRecord], list[str]]:
-    """Caption ``records`` with a loaded Captioner (features through the cache) and score them.
+    """Caption ``records`` with a loaded Captioner (features through the cache) and score them: the captions a user
+    gets, grounded on tags where the checkpoint's rule says so.
 
     Returns the scores, the summary (images, distinct), the records captioned (unreadable images
     are left out) and their captions."""
@@ -72,6 +73,7 @@ def evaluate_records(captioner, records: list[CaptionRecord], options: DecodingO
     records = [r for r in records if str(r.image.resolve()) not in cache.failed]
     rows = [cache.row(r.image.resolve()) for r in records]
     feats = torch.from_numpy(cache.features[rows, 0].astype("float32"))
-    captions = generate(captioner.model, captioner.vocab, feats, options)
+    captions = [d.beams[0][0] for i in range(0, len(feats), 250)
+                for d in captioner.describe_features(feats[i:i + 250], options)]
     scores, summary = score_records(records, captions, metrics=metrics)
     return scores, summary, records, captions
