@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 from showtell.captioner import load
 from showtell.checkpoint import save_checkpoint
-from showtell.confidence import RIGHT_CIDER, ConfidenceModel, kmeans
+from showtell.confidence import INPUTS, RIGHT_CIDER, ConfidenceModel, kmeans
 from showtell.datasets import load_corpus
 from showtell.decoding import DecodingOptions, decode
 from showtell.features import extract_features
@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--weights", choices=("fp32", "fp16", "int8"), default="int8",
                     help="how --out stores the model weights (default int8, as the built-in model)")
     ap.add_argument("--plot", help="reliability diagram PNG")
+    ap.add_argument("--dump", help="also pickle the per-photo inputs, captions and scores here (for analysis)")
     args = ap.parse_args()
     started = time.time()
     torch.manual_seed(0)
@@ -160,11 +161,19 @@ def main() -> int:
     cider_own = per_image_cider(refs, [b[0][0] for b in own])
     cider_guided = per_image_cider(refs, [b[0][0] for b in guided])
     word_sets = {c: tuple(w) for c, w in words.items()}
-    blank = ConfidenceModel((0.0,) * 5, 0.0, (0.0,) * 5, (1.0,) * 5, centroids, word_sets)
-    x_own, x_guided = blank.inputs(feats, own, probs), blank.inputs(feats, guided, probs)
+    n = len(INPUTS)
+    blank = ConfidenceModel((0.0,) * n, 0.0, (0.0,) * n, (1.0,) * n, centroids, word_sets)
+    x_own, x_guided = blank.inputs(feats, own, probs), blank.inputs(feats, guided, probs, grounded=True)
     agrees = np.array([bool(set(b[0][0].split()).intersection(word_sets.get(c, ())))
                        for b, c in zip(own, top_class.tolist())])
     tag_p = top_p.numpy()
+    if args.dump:
+        import pickle
+
+        with open(args.dump, "wb") as f:
+            pickle.dump({"x_own": x_own, "x_guided": x_guided, "cider_own": cider_own, "cider_guided": cider_guided,
+                         "tag_p": tag_p, "agrees": agrees, "in_domain": in_domain, "own": own, "guided": guided,
+                         "images": [str(r.image) for r in records], "top_class": top_class.tolist()}, f)
 
     def fit(rows: np.ndarray) -> ConfidenceModel:  # on both kinds of caption of these photos
         x = torch.cat([x_own[rows], x_guided[rows]])

@@ -48,20 +48,20 @@ def test_kmeans_finds_separated_clusters():
 
 
 def test_round_trip_through_checkpoint_metadata():
-    model = ConfidenceModel((1.0, -0.5, 0.25, 2.0, 0.1), -0.3, (0.1,) * 5, (2.0,) * 5, torch.randn(4, 6),
+    model = ConfidenceModel((1.0, -0.5, 0.25, 2.0, 0.1, -1.0), -0.3, (0.1,) * 6, (2.0,) * 6, torch.randn(4, 6),
                             {281: ("cat", "kitten")})
     meta, tensors = model.to_meta()
     again = ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
-    x = torch.randn(7, 5)
+    x = torch.randn(7, 6)
     assert torch.allclose(again(x), model(x), atol=1e-6)
     assert again.tag_words == {281: ("cat", "kitten")}
 
 
 @pytest.mark.parametrize("change", [
     lambda m, t: m.update(weights=[1.0, 2.0]),
-    lambda m, t: m.update(weights=[float("nan")] * 5),
+    lambda m, t: m.update(weights=[float("nan")] * 6),
     lambda m, t: m.update(bias="x"),
-    lambda m, t: m.update(std=[0.0] * 5),
+    lambda m, t: m.update(std=[0.0] * 6),
     lambda m, t: m.update(inputs=["score"]),
     lambda m, t: m.update(tag_words={"cat": ["cat"]}),
     lambda m, t: m.update(tag_words={"5000": ["cat"]}),
@@ -70,7 +70,7 @@ def test_round_trip_through_checkpoint_metadata():
     lambda m, t: t.update({CENTROIDS: torch.full((4, 6), float("inf"))}),
 ])
 def test_a_corrupt_field_is_refused_in_one_line(change):
-    meta, tensors = ConfidenceModel((0.0,) * 5, 0.0, (0.0,) * 5, (1.0,) * 5, torch.randn(4, 6), {}).to_meta()
+    meta, tensors = ConfidenceModel((0.0,) * 6, 0.0, (0.0,) * 6, (1.0,) * 6, torch.randn(4, 6), {}).to_meta()
     change(meta, tensors)
     with pytest.raises(ShowtellError, match="bad confidence model") as e:
         ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
@@ -107,7 +107,7 @@ def with_confidence(src, dst, rule: dict | None, feature_dim: int = 1280, **meta
     ck = load_checkpoint(src)
     torch.manual_seed(0)
     words = {c: ("cat",) for c in range(281, 286)}  # the domestic cats
-    model = ConfidenceModel((1.0, 0.0, 0.5, 1.0, 1.0), 0.0, (-1.0, 0.5, 0.2, 0.1, 0.6), (1.0,) * 5,
+    model = ConfidenceModel((1.0, 0.0, 0.5, 1.0, 1.0, 0.0), 0.0, (-1.0, 0.5, 0.2, 0.1, 0.6, 0.0), (1.0,) * 6,
                             torch.randn(8, feature_dim), words)
     conf, tensors = model.to_meta()
     meta = {**ck.meta, "confidence": {**conf, **meta_changes}, **({"grounding": rule} if rule else {})}
@@ -150,4 +150,4 @@ def test_a_corrupt_confidence_field_is_refused_at_load(tiny_checkpoint, tmp_path
                          capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [f"showtell: error: {bad}: bad confidence model in checkpoint: "
-                                               "'weights' must be 5 finite numbers"]
+                                               "'weights' must be 6 finite numbers"]

@@ -9,6 +9,7 @@ four (so four in five human captions count as right). The probability is a logis
     tag_max         the top ImageNet tag's probability (the encoder knows what it sees)
     tag_agreement   the probability of the top tags whose words the caption uses
     familiarity     cosine similarity of the image's features to the nearest training-photo centroid
+    grounded        1 for a caption grounded on the top tag (showtell.grounding), 0 for the model's own
 
 ``scripts/fit_confidence.py`` fits it on Flickr8k dev plus the out-of-domain set and stores it in the
 checkpoint: the coefficients and the words each tag agrees with as JSON metadata, the centroids as tensors.
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from showtell.errors import ShowtellError
 
-INPUTS = ("score", "beam_agreement", "tag_max", "tag_agreement", "familiarity")
+INPUTS = ("score", "beam_agreement", "tag_max", "tag_agreement", "familiarity", "grounded")
 RIGHT_CIDER = 0.25
 TOP_TAGS = 5  # tag_agreement looks at this many tags
 CENTROIDS = "confidence/centroids"
@@ -78,9 +79,10 @@ class ConfidenceModel:
     centroids: Tensor  # [K, feature_dim], unit rows
     tag_words: dict[int, tuple[str, ...]]  # ImageNet class -> caption words that agree with it, best first
 
-    def inputs(self, features: Tensor, beams: Sequence[Sequence[tuple[str, float]]], tag_probs: Tensor) -> Tensor:
+    def inputs(self, features: Tensor, beams: Sequence[Sequence[tuple[str, float]]], tag_probs: Tensor,
+               grounded: bool = False) -> Tensor:
         """[N, len(INPUTS)] for N images: their features, their beams ((caption, score), best first; the first is
-        the caption judged) and their tag probabilities [N, 1000]."""
+        the caption judged), their tag probabilities [N, 1000] and whether the beams are grounded on a tag."""
         fam = familiarity(features, self.centroids).tolist()
         top_p, top_i = tag_probs.float().topk(min(TOP_TAGS, tag_probs.shape[1]), dim=1)
         rows = []
@@ -88,7 +90,7 @@ class ConfidenceModel:
             words = image_beams[0][0].split()
             top = list(zip(top_i[n].tolist(), top_p[n].tolist()))
             rows.append([image_beams[0][1], beam_agreement(words, [c.split() for c, _ in image_beams[1:]]),
-                         top[0][1], tag_agreement(words, top, self.tag_words), fam[n]])
+                         top[0][1], tag_agreement(words, top, self.tag_words), fam[n], float(grounded)])
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(INPUTS))
 
     def __call__(self, inputs: Tensor) -> Tensor:
