@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,11 @@ from scipy.stats import spearmanr
 
 from showtell.captioner import load
 from showtell.checkpoint import save_checkpoint
-from showtell.confidence import INPUTS, RIGHT_CIDER, ConfidenceModel, kmeans
+from showtell.confidence import INPUTS, KINDS, RIGHT_CIDER, ConfidenceModel, Logistic, kmeans
 from showtell.datasets import load_corpus
-from showtell.decoding import DecodingOptions, decode
+from showtell.decoding import DecodingOptions
 from showtell.features import extract_features
-from showtell.grounding import GroundingRule, guided_prefix, text_of
+from showtell.grounding import Grounding, GroundingRule
 from showtell.metrics import score_captions
 from showtell.vocab import tokenize
 
@@ -72,28 +73,15 @@ def tag_words(tagger, vocab, probs: torch.Tensor, references: list[list[str]]) -
     return out
 
 
-def beams_of(captioner, feats: torch.Tensor, prefix=None, unk_as=None) -> list[list[tuple[str, float]]]:
-    vocab = captioner.vocab
-    options = DecodingOptions(beam_size=BEAM, num_return=BEAM, prefix=prefix or ())
-    out = []
-    for i in range(0, len(feats), 250):
-        hyps = decode(captioner.model, feats[i:i + 250], options, start_id=vocab.start_id, end_id=vocab.end_id,
-                      unk_id=vocab.unk_id, pad_id=vocab.pad_id)
-        out += [[(text_of(vocab, h.tokens, unk_as), h.score) for h in per_image] for per_image in hyps]
-    return out
+def beams_of(captioner, feats: torch.Tensor) -> list[list[tuple[str, float]]]:
+    """Per image, its beams as the captioner returns them (every beam: the confidence compares them)."""
+    options = DecodingOptions(beam_size=BEAM, num_return=BEAM)
+    return [b for i in range(0, len(feats), 250) for b in captioner.caption_features(feats[i:i + 250], options)]
 
 
-def guided_beams(captioner, feats, top_class: list[int], words: dict[int, list[str]]):
-    """Per image, the beams of the caption guided by its top tag."""
-    out: list = [None] * len(feats)
-    groups: dict[tuple, list[int]] = {}
-    for n, c in enumerate(top_class):
-        prefix, unk_as = guided_prefix(captioner.vocab, captioner.tagger.label(c), words.get(c, []))
-        groups.setdefault((prefix, unk_as), []).append(n)
-    for (prefix, unk_as), rows in groups.items():
-        for n, beams in zip(rows, beams_of(captioner, feats[rows], prefix, unk_as)):
-            out[n] = beams
-    return out
+def decode_hyps(captioner):
+    options = DecodingOptions(beam_size=BEAM, num_return=BEAM)
+    return lambda feats, prefix: captioner.hypotheses(feats, replace(options, prefix=prefix))
 
 
 def per_image_cider(refs: list[list[str]], captions: list[str]) -> np.ndarray:
@@ -155,17 +143,17 @@ def main() -> int:
         in_domain = np.arange(len(records)) < len(dev)
         probs = tagger(feats)
     top_p, top_class = probs.max(dim=1)
+    word_sets = {c: tuple(w) for c, w in words.items()}
+    blank = Logistic((0.0,) * len(INPUTS), 0.0, (0.0,) * len(INPUTS), (1.0,) * len(INPUTS))
+    grounding = Grounding(ConfidenceModel(blank, blank, centroids, word_sets), None, tagger, vocab)
     own = beams_of(captioner, feats)
-    guided = guided_beams(captioner, feats, top_class.tolist(), words)
+    with torch.inference_mode():
+        guided = grounding.guided_beams(decode_hyps(captioner), feats, top_class.tolist())
     refs = [list(r.captions) for r in records]
     cider_own = per_image_cider(refs, [b[0][0] for b in own])
     cider_guided = per_image_cider(refs, [b[0][0] for b in guided])
-    word_sets = {c: tuple(w) for c, w in words.items()}
-    n = len(INPUTS)
-    blank = ConfidenceModel((0.0,) * n, 0.0, (0.0,) * n, (1.0,) * n, centroids, word_sets)
-    x_own, x_guided = blank.inputs(feats, own, probs), blank.inputs(feats, guided, probs, grounded=True)
-    agrees = np.array([bool(set(b[0][0].split()).intersection(word_sets.get(c, ())))
-                       for b, c in zip(own, top_class.tolist())])
+    x_own, x_guided = (grounding.confidence.inputs(feats, b, probs) for b in (own, guided))
+    agrees = np.array([grounding.agrees(b[0][0], c) for b, c in zip(own, top_class.tolist())])
     tag_p = top_p.numpy()
     if args.dump:
         import pickle
@@ -175,10 +163,10 @@ def main() -> int:
                          "tag_p": tag_p, "agrees": agrees, "in_domain": in_domain, "own": own, "guided": guided,
                          "images": [str(r.image) for r in records], "top_class": top_class.tolist()}, f)
 
-    def fit(rows: np.ndarray) -> ConfidenceModel:  # on both kinds of caption of these photos
-        x = torch.cat([x_own[rows], x_guided[rows]])
-        y = torch.tensor(np.concatenate([cider_own[rows], cider_guided[rows]]) >= RIGHT_CIDER).float()
-        return ConfidenceModel.fit(x, y, centroids, word_sets)
+    def fit(rows: np.ndarray) -> ConfidenceModel:  # one logistic model for each kind of caption of these photos
+        own_model, guided_model = (Logistic.fit(x[rows], torch.tensor(c[rows] >= RIGHT_CIDER).float())
+                                   for x, c in ((x_own, cider_own), (x_guided, cider_guided)))
+        return ConfidenceModel(own_model, guided_model, centroids, word_sets)
 
     # 5-fold cross-validation over photos: the figures below are for photos the fold's model did not see
     folds = np.random.RandomState(0).permutation(len(records)) % 5
@@ -186,7 +174,7 @@ def main() -> int:
     for k in range(5):
         tr, te = folds != k, folds == k
         model = fit(tr)
-        c_own, c_guided = model(x_own).numpy(), model(x_guided).numpy()
+        c_own, c_guided = model(x_own).numpy(), model(x_guided, grounded=True).numpy()
         rule = choose_rule(c_own[tr], tag_p[tr], agrees[tr], cider_own[tr], cider_guided[tr], in_domain[tr])
         swap = (c_own < rule.low_confidence) & (tag_p >= rule.sure_tag) & ~agrees
         conf_own[te], swapped[te] = c_own[te], swap[te]
@@ -202,18 +190,21 @@ def main() -> int:
             "cider_after": round(float(cider_out[rows].mean()), 4),
             "grounded": round(float(swapped[rows].mean()), 4),
             "spearman_beam_score": round(float(spearmanr(baseline[rows], cider_own[rows])[0]), 4),
+            "spearman_confidence_own": round(float(spearmanr(conf_own[rows], cider_own[rows])[0]), 4),
             "spearman_confidence": round(float(spearmanr(conf_out[rows], cider_out[rows])[0]), 4),
             "ece": round(ece(conf_out[rows], right_out), 4),
             "right_rate": round(float(right_out.mean()), 4),
             "mean_confidence": round(float(conf_out[rows].mean()), 4)}
     right_all = cider_out >= RIGHT_CIDER
     report["all"] = {"ece": round(ece(conf_out, right_all), 4),
+                     "spearman_beam_score": round(float(spearmanr(baseline, cider_own)[0]), 4),
+                     "spearman_confidence_own": round(float(spearmanr(conf_own, cider_own)[0]), 4),
                      "spearman_confidence": round(float(spearmanr(conf_out, cider_out)[0]), 4)}
 
     model = fit(np.ones(len(records), dtype=bool))
     rule = choose_rule(model(x_own).numpy(), tag_p, agrees, cider_own, cider_guided, in_domain)
-    report["stored"] = {"weights": [round(w, 4) for w in model.weights], "bias": round(model.bias, 4),
-                        **rule.to_meta()}
+    report["stored"] = {**{kind: [round(w, 3) for w in (*getattr(model, kind).weights, getattr(model, kind).bias)]
+                           for kind in KINDS}, **rule.to_meta()}
     if args.plot:
         plot_reliability(args.plot, conf_out, right_all, in_domain)
     if args.out:

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from showtell.confidence import CENTROIDS, INPUTS, ConfidenceModel, beam_agreement, familiarity, kmeans, tag_agreement
+from showtell.confidence import (
+    CENTROIDS,
+    INPUTS,
+    ConfidenceModel,
+    Logistic,
+    beam_agreement,
+    familiarity,
+    kmeans,
+    tag_agreement,
+)
 from showtell.errors import ShowtellError
 from showtell.grounding import GroundingRule, guided_prefix, text_of
 from showtell.vocab import Vocabulary
@@ -18,8 +27,7 @@ def test_fit_recovers_a_calibrated_probability():
     x = torch.randn(4000, len(INPUTS))
     p_true = torch.sigmoid(2 * x[:, 0] - x[:, 3] + 0.5)
     y = torch.bernoulli(p_true)
-    model = ConfidenceModel.fit(x, y, torch.randn(3, 8), {})
-    p = model(x)
+    p = Logistic.fit(x, y)(x)
     assert ((p >= 0) & (p <= 1)).all()
     assert (p - p_true).abs().mean() < 0.03  # close to the probability that generated the labels
     for lo in (0.1, 0.3, 0.5, 0.7):  # calibrated: in each band, the share of positives matches the mean prediction
@@ -48,20 +56,24 @@ def test_kmeans_finds_separated_clusters():
 
 
 def test_round_trip_through_checkpoint_metadata():
-    model = ConfidenceModel((1.0, -0.5, 0.25, 2.0, 0.1, -1.0), -0.3, (0.1,) * 6, (2.0,) * 6, torch.randn(4, 6),
+    model = ConfidenceModel(Logistic((1.0, -0.5, 0.25, 2.0, 0.1), -0.3, (0.1,) * 5, (2.0,) * 5),
+                            Logistic((0.0, 0.5, 2.0, 1.0, -0.1), 0.2, (0.0,) * 5, (1.0,) * 5), torch.randn(4, 6),
                             {281: ("cat", "kitten")})
     meta, tensors = model.to_meta()
     again = ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
-    x = torch.randn(7, 6)
+    x = torch.randn(7, 5)
     assert torch.allclose(again(x), model(x), atol=1e-6)
+    assert torch.allclose(again(x, grounded=True), model(x, grounded=True), atol=1e-6)
+    assert not torch.allclose(model(x), model(x, grounded=True))
     assert again.tag_words == {281: ("cat", "kitten")}
 
 
 @pytest.mark.parametrize("change", [
-    lambda m, t: m.update(weights=[1.0, 2.0]),
-    lambda m, t: m.update(weights=[float("nan")] * 6),
-    lambda m, t: m.update(bias="x"),
-    lambda m, t: m.update(std=[0.0] * 6),
+    lambda m, t: m["own"].update(weights=[1.0, 2.0]),
+    lambda m, t: m["grounded"].update(weights=[float("nan")] * 5),
+    lambda m, t: m["own"].update(bias="x"),
+    lambda m, t: m["grounded"].update(std=[0.0] * 5),
+    lambda m, t: m.pop("grounded"),
     lambda m, t: m.update(inputs=["score"]),
     lambda m, t: m.update(tag_words={"cat": ["cat"]}),
     lambda m, t: m.update(tag_words={"5000": ["cat"]}),
@@ -70,7 +82,8 @@ def test_round_trip_through_checkpoint_metadata():
     lambda m, t: t.update({CENTROIDS: torch.full((4, 6), float("inf"))}),
 ])
 def test_a_corrupt_field_is_refused_in_one_line(change):
-    meta, tensors = ConfidenceModel((0.0,) * 6, 0.0, (0.0,) * 6, (1.0,) * 6, torch.randn(4, 6), {}).to_meta()
+    zero = Logistic((0.0,) * 5, 0.0, (0.0,) * 5, (1.0,) * 5)
+    meta, tensors = ConfidenceModel(zero, zero, torch.randn(4, 6), {}).to_meta()
     change(meta, tensors)
     with pytest.raises(ShowtellError, match="bad confidence model") as e:
         ConfidenceModel.from_meta(meta, tensors, feature_dim=6)
@@ -107,10 +120,10 @@ def with_confidence(src, dst, rule: dict | None, feature_dim: int = 1280, **meta
     ck = load_checkpoint(src)
     torch.manual_seed(0)
     words = {c: ("cat",) for c in range(281, 286)}  # the domestic cats
-    model = ConfidenceModel((1.0, 0.0, 0.5, 1.0, 1.0, 0.0), 0.0, (-1.0, 0.5, 0.2, 0.1, 0.6, 0.0), (1.0,) * 6,
-                            torch.randn(8, feature_dim), words)
-    conf, tensors = model.to_meta()
-    meta = {**ck.meta, "confidence": {**conf, **meta_changes}, **({"grounding": rule} if rule else {})}
+    judge = Logistic((1.0, 0.0, 0.5, 1.0, 1.0), 0.0, (-1.0, 0.5, 0.2, 0.1, 0.6), (1.0,) * 5)
+    conf, tensors = ConfidenceModel(judge, judge, torch.randn(8, feature_dim), words).to_meta()
+    conf["own"].update(meta_changes)
+    meta = {**ck.meta, "confidence": conf, **({"grounding": rule} if rule else {})}
     save_checkpoint(dst, ck.model, ck.vocab, ck.encoder, ck.preprocess, meta=meta, extra_tensors=tensors)
     return dst
 
@@ -150,4 +163,4 @@ def test_a_corrupt_confidence_field_is_refused_at_load(tiny_checkpoint, tmp_path
                          capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [f"showtell: error: {bad}: bad confidence model in checkpoint: "
-                                               "'weights' must be 6 finite numbers"]
+                                               "own: 'weights' must be 5 finite numbers"]

@@ -9,7 +9,6 @@ four (so four in five human captions count as right). The probability is a logis
     tag_max         the top ImageNet tag's probability (the encoder knows what it sees)
     tag_agreement   the probability of the top tags whose words the caption uses
     familiarity     cosine similarity of the image's features to the nearest training-photo centroid
-    grounded        1 for a caption grounded on the top tag (showtell.grounding), 0 for the model's own
 
 ``scripts/fit_confidence.py`` fits it on Flickr8k dev plus the out-of-domain set and stores it in the
 checkpoint: the coefficients and the words each tag agrees with as JSON metadata, the centroids as tensors.
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,8 @@ from torch import Tensor
 
 from showtell.errors import ShowtellError
 
-INPUTS = ("score", "beam_agreement", "tag_max", "tag_agreement", "familiarity", "grounded")
+INPUTS = ("score", "beam_agreement", "tag_max", "tag_agreement", "familiarity")
+KINDS = ("own", "grounded")  # the model's own caption; one grounded on the top tag (showtell.grounding)
 RIGHT_CIDER = 0.25
 TOP_TAGS = 5  # tag_agreement looks at this many tags
 CENTROIDS = "confidence/centroids"
@@ -69,41 +69,24 @@ def kmeans(features: Tensor, k: int, iterations: int = 30, seed: int = 0) -> Ten
 
 
 @dataclass(frozen=True)
-class ConfidenceModel:
-    """``p(right) = sigmoid(bias + sum(weights * (inputs - mean) / std))`` over :data:`INPUTS`."""
+class Logistic:
+    """``p = sigmoid(bias + sum(weights * (inputs - mean) / std))``."""
 
     weights: tuple[float, ...]
     bias: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    centroids: Tensor  # [K, feature_dim], unit rows
-    tag_words: dict[int, tuple[str, ...]]  # ImageNet class -> caption words that agree with it, best first
-
-    def inputs(self, features: Tensor, beams: Sequence[Sequence[tuple[str, float]]], tag_probs: Tensor,
-               grounded: bool = False) -> Tensor:
-        """[N, len(INPUTS)] for N images: their features, their beams ((caption, score), best first; the first is
-        the caption judged), their tag probabilities [N, 1000] and whether the beams are grounded on a tag."""
-        fam = familiarity(features, self.centroids).tolist()
-        top_p, top_i = tag_probs.float().topk(min(TOP_TAGS, tag_probs.shape[1]), dim=1)
-        rows = []
-        for n, image_beams in enumerate(beams):
-            words = image_beams[0][0].split()
-            top = list(zip(top_i[n].tolist(), top_p[n].tolist()))
-            rows.append([image_beams[0][1], beam_agreement(words, [c.split() for c, _ in image_beams[1:]]),
-                         top[0][1], tag_agreement(words, top, self.tag_words), fam[n], float(grounded)])
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(INPUTS))
 
     def __call__(self, inputs: Tensor) -> Tensor:
-        """[N] probabilities that each caption is right."""
-        z = (inputs - torch.tensor(self.mean)) / torch.tensor(self.std)
-        return torch.sigmoid(z @ torch.tensor(self.weights) + self.bias)
+        z = (inputs.double() - torch.tensor(self.mean, dtype=torch.float64)) / torch.tensor(self.std,
+                                                                                              dtype=torch.float64)
+        return torch.sigmoid(z @ torch.tensor(self.weights, dtype=torch.float64) + self.bias).float()
 
     @classmethod
-    def fit(cls, inputs: Tensor, right: Tensor, centroids: Tensor, tag_words: dict[int, tuple[str, ...]],
-            l2: float = 1e-3) -> ConfidenceModel:
-        """Logistic regression (L-BFGS, a little L2) of ``right`` [N] in {0, 1} on ``inputs`` [N, len(INPUTS)]."""
+    def fit(cls, inputs: Tensor, right: Tensor, l2: float = 1e-3) -> Logistic:
+        """Logistic regression (L-BFGS, a little L2) of ``right`` [N] in {0, 1} on ``inputs`` [N, k]."""
         x = inputs.double()
-        mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
+        mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
         z, y = (x - mean) / std, right.double()
         w = torch.zeros(z.shape[1] + 1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
@@ -116,13 +99,55 @@ class ConfidenceModel:
 
         opt.step(closure)
         w = w.detach()
-        return cls(tuple(w[1:].tolist()), float(w[0]), tuple(mean.tolist()), tuple(std.tolist()),
-                   F.normalize(centroids.float(), dim=1), tag_words)
+        return cls(tuple(w[1:].tolist()), float(w[0]), tuple(mean.tolist()), tuple(std.tolist()))
+
+    @classmethod
+    def from_meta(cls, meta: object) -> Logistic:
+        if not isinstance(meta, dict):
+            raise ValueError("must be a mapping of weights, bias, mean and std")
+        for key, size in (("weights", len(INPUTS)), ("mean", len(INPUTS)), ("std", len(INPUTS)), ("bias", None)):
+            value = meta.get(key)
+            values = [value] if size is None else list(value) if isinstance(value, (list, tuple)) else [None]
+            if (size is not None and len(values) != size) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"'{key}' must be {'a finite number' if size is None else f'{size} finite numbers'}")
+        if not all(v > 0 for v in meta["std"]):
+            raise ValueError("'std' must be positive")
+        return cls(tuple(map(float, meta["weights"])), float(meta["bias"]), tuple(map(float, meta["mean"])),
+                   tuple(map(float, meta["std"])))
+
+
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """The probability that a caption is right: a :class:`Logistic` over :data:`INPUTS` for each of :data:`KINDS`."""
+
+    own: Logistic
+    grounded: Logistic
+    centroids: Tensor  # [K, feature_dim], unit rows
+    tag_words: dict[int, tuple[str, ...]]  # ImageNet class -> caption words that agree with it, best first
+
+    def inputs(self, features: Tensor, beams: Sequence[Sequence[tuple[str, float]]], tag_probs: Tensor) -> Tensor:
+        """[N, len(INPUTS)] for N images: their features, their beams ((caption, score), best first; the first is
+        the caption judged) and their tag probabilities [N, 1000]."""
+        fam = familiarity(features, self.centroids).tolist()
+        top_p, top_i = tag_probs.float().topk(min(TOP_TAGS, tag_probs.shape[1]), dim=1)
+        rows = []
+        for n, image_beams in enumerate(beams):
+            words = image_beams[0][0].split()
+            top = list(zip(top_i[n].tolist(), top_p[n].tolist()))
+            rows.append([image_beams[0][1], beam_agreement(words, [c.split() for c, _ in image_beams[1:]]),
+                         top[0][1], tag_agreement(words, top, self.tag_words), fam[n]])
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(INPUTS))
+
+    def __call__(self, inputs: Tensor, grounded: bool = False) -> Tensor:
+        """[N] probabilities that each caption is right (``grounded``: the captions are grounded on a tag)."""
+        return (self.grounded if grounded else self.own)(inputs)
 
     def to_meta(self) -> tuple[dict, dict[str, Tensor]]:
         """JSON metadata and tensors for the checkpoint."""
-        meta = {"inputs": list(INPUTS), "weights": list(self.weights), "bias": self.bias, "mean": list(self.mean),
-                "std": list(self.std), "right": f"per-image CIDEr-D >= {RIGHT_CIDER}",
+        meta = {"inputs": list(INPUTS), "right": f"per-image CIDEr-D >= {RIGHT_CIDER}",
+                **{kind: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(getattr(self, kind)).items()}
+                   for kind in KINDS},
                 "tag_words": {str(c): list(w) for c, w in sorted(self.tag_words.items())}}
         return meta, {CENTROIDS: self.centroids.half()}
 
@@ -134,16 +159,12 @@ class ConfidenceModel:
 
         if not isinstance(meta, dict) or meta.get("inputs") != list(INPUTS):
             raise bad(f"expected inputs {list(INPUTS)}")
-        numbers = {}
-        for key, size in (("weights", len(INPUTS)), ("mean", len(INPUTS)), ("std", len(INPUTS)), ("bias", None)):
-            value = meta.get(key)
-            values = [value] if size is None else value
-            if not isinstance(values, list) or (size is not None and len(values) != size) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-                raise bad(f"'{key}' must be {'a finite number' if size is None else f'{size} finite numbers'}")
-            numbers[key] = value
-        if not all(s > 0 for s in numbers["std"]):
-            raise bad("'std' must be positive")
+        models = {}
+        for kind in KINDS:
+            try:
+                models[kind] = Logistic.from_meta(meta.get(kind))
+            except ValueError as e:
+                raise bad(f"{kind}: {e}") from None
         words = meta.get("tag_words")
         if not isinstance(words, dict) or not all(
                 k.isdigit() and int(k) < 1000 and isinstance(v, list) and all(isinstance(w, str) for w in v)
@@ -154,6 +175,5 @@ class ConfidenceModel:
                 or centroids.shape[1] != feature_dim or not torch.isfinite(centroids).all()):
             shape = None if centroids is None else tuple(centroids.shape)
             raise bad(f"'{CENTROIDS}' must be finite [K <= {MAX_CENTROIDS}, {feature_dim}], got {shape}")
-        return cls(tuple(map(float, numbers["weights"])), float(numbers["bias"]), tuple(map(float, numbers["mean"])),
-                   tuple(map(float, numbers["std"])), F.normalize(centroids.float(), dim=1),
+        return cls(models["own"], models["grounded"], F.normalize(centroids.float(), dim=1),
                    {int(k): tuple(v) for k, v in words.items()})

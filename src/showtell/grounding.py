@@ -109,8 +109,8 @@ class Grounding:
                    and self.rule.applies(conf[n], top_p[n], self.agrees(beams[n][0][0], top_tag[n]))]
         if doubted:
             guided = self.guided_beams(decode_hyps, feats[doubted], [top_tag[n] for n in doubted])
-            guided_conf = self.confidence(self.confidence.inputs(feats[doubted], guided, probs[doubted],
-                                                                 grounded=True)).tolist()
+            guided_conf = self.confidence(self.confidence.inputs(feats[doubted], guided, probs[doubted]),
+                                          grounded=True).tolist()
             for n, b, c in zip(doubted, guided, guided_conf):
                 out[n] = (c, b, True)
         return out
