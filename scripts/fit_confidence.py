@@ -37,7 +37,7 @@ from showtell.vocab import tokenize
 
 BEAM = 3
 LOW_CONFIDENCE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-SURE_TAG = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SURE_TAG = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # a top tag under 0.2 is not called sure
 MAX_DEV_DROP = 0.005  # the issue allows 0.01 of dev CIDEr; keep half of it as margin for unseen photos
 
 
