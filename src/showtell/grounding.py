@@ -99,18 +99,26 @@ class Grounding:
         return out
 
     def __call__(self, decode_hyps: DecodeHyps, feats: Tensor, beams: list[Beams],
-                 probs: Tensor) -> list[tuple[float, Beams, bool]]:
+                 probs: Tensor) -> list[tuple[float | None, Beams, bool]]:
         """Per image: the confidence, the beams to return and whether they are grounded on the top tag instead of
-        the model's own (``beams``, decoded with every beam returned: the confidence compares them)."""
-        conf = self.confidence(self.confidence.inputs(feats, beams, probs)).tolist()
+        the model's own (``beams``, decoded with every beam returned: the confidence compares them). An image
+        without beams (a model whose outputs overflowed) keeps none and gets no confidence."""
+        out: list[tuple[float | None, Beams, bool]] = [(None, b, False) for b in beams]
+        rows = [n for n, b in enumerate(beams) if b]
+        if not rows:
+            return out
+        conf = dict(zip(rows, self.confidence(self.confidence.inputs(feats[rows], [beams[n] for n in rows],
+                                                                     probs[rows])).tolist()))
         top_p, top_tag = (t.tolist() for t in probs.max(dim=1))
-        out = [(c, b, False) for c, b in zip(conf, beams)]
-        doubted = [n for n in range(len(beams)) if self.rule is not None
+        for n in rows:
+            out[n] = (conf[n], beams[n], False)
+        doubted = [n for n in rows if self.rule is not None
                    and self.rule.applies(conf[n], top_p[n], self.agrees(beams[n][0][0], top_tag[n]))]
         if doubted:
             guided = self.guided_beams(decode_hyps, feats[doubted], [top_tag[n] for n in doubted])
             guided_conf = self.confidence(self.confidence.inputs(feats[doubted], guided, probs[doubted]),
                                           grounded=True).tolist()
             for n, b, c in zip(doubted, guided, guided_conf):
-                out[n] = (c, b, True)
+                if b:
+                    out[n] = (c, b, True)
         return out
