@@ -81,7 +81,7 @@ def beams_of(captioner, feats: torch.Tensor) -> list[list[tuple[str, float]]]:
 
 def decode_hyps(captioner):
     options = DecodingOptions(beam_size=BEAM, num_return=BEAM)
-    return lambda feats, prefix: captioner.hypotheses(feats, replace(options, prefix=prefix))
+    return lambda feats, changes: captioner.hypotheses(feats, replace(options, **changes))
 
 
 def per_image_cider(refs: list[list[str]], captions: list[str]) -> np.ndarray:

@@ -124,7 +124,7 @@ class Captioner(BatchCaptioning):
         every = replace(options, num_return=options.beam_size)  # the confidence compares the beams
         own = self.caption_features(feats, every)
         with torch.inference_mode():
-            judged = self.grounding(lambda f, prefix: self.hypotheses(f, replace(every, prefix=prefix)), feats, own,
+            judged = self.grounding(lambda f, changes: self.hypotheses(f, replace(every, **changes)), feats, own,
                                     self.tagger(feats.to(self.device)))
         return [Described(beams[:options.num_return], t, confidence, mine[0][0] if grounded else None)
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]

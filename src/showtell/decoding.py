@@ -47,6 +47,7 @@ class DecodingOptions:
     suppress_unk: bool = True  # never emit <unk>
     seed: int | None = None  # sampling: a seed makes the samples reproducible
     prefix: tuple[int, ...] = ()  # token ids every caption starts with (whisper's prefix); <unk> allowed here
+    not_after_prefix: tuple[int, ...] = ()  # token ids never produced right after the prefix
 
     def __post_init__(self) -> None:
         def integer(name: str, minimum: int, maximum: int = sys.maxsize) -> None:
@@ -103,14 +104,14 @@ class NaNIsImpossible(LogitFilter):
 
 
 class SuppressTokens(LogitFilter):
-    """Never produce these tokens (from word ``from_step`` on)."""
+    """Never produce these tokens (as word ``from_step`` and after, up to word ``until_step`` when given)."""
 
-    def __init__(self, token_ids: list[int], from_step: int = 0):
+    def __init__(self, token_ids: list[int], from_step: int = 0, until_step: int | None = None):
         self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
-        self.from_step = from_step
+        self.from_step, self.until_step = from_step, until_step
 
     def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
-        if tokens.shape[1] < self.from_step:
+        if tokens.shape[1] < self.from_step or (self.until_step is not None and tokens.shape[1] >= self.until_step):
             return
         if self.token_ids.device != logprobs.device:
             self.token_ids = self.token_ids.to(logprobs.device)
@@ -319,6 +320,9 @@ def make_filters(options: DecodingOptions, start_id: int = 1, unk_id: int = 3, p
     filters.append(SuppressTokens([pad_id, start_id]))
     if options.suppress_unk:
         filters.append(SuppressTokens([unk_id], from_step=len(options.prefix)))
+    if options.not_after_prefix:
+        n = len(options.prefix)
+        filters.append(SuppressTokens(list(options.not_after_prefix), from_step=n, until_step=n + 1))
     if options.no_repeat_ngram_size > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram_size))
     return filters

@@ -74,7 +74,7 @@ def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
 
 
 Beams = list[tuple[str, float]]  # (caption, score), best first
-DecodeHyps = Callable[[Tensor, tuple[int, ...]], list[list[Hypothesis]]]  # features, prefix -> hypotheses per image
+DecodeHyps = Callable[[Tensor, dict], list[list[Hypothesis]]]  # features, DecodingOptions changes -> hypotheses
 
 
 class Grounding:
@@ -82,6 +82,8 @@ class Grounding:
 
     def __init__(self, confidence: ConfidenceModel, rule: GroundingRule | None, tagger, vocab: Vocabulary):
         self.confidence, self.rule, self.tagger, self.vocab = confidence, rule, tagger, vocab
+        self.nouns = tuple(sorted({vocab.stoi[w] for words in confidence.tag_words.values() for w in words
+                                   if w in vocab.stoi}))
 
     def agrees(self, caption: str, tag: int) -> bool:
         return bool(set(caption.split()).intersection(self.confidence.tag_words.get(tag, ())))
@@ -94,7 +96,10 @@ class Grounding:
             words = list(self.confidence.tag_words.get(tag, ()))
             groups.setdefault(guided_prefix(self.vocab, self.tagger.label(tag), words), []).append(n)
         for (prefix, unk_as), rows in groups.items():
-            for n, hyps in zip(rows, decode_hyps(feats[rows], prefix)):
+            # after a tag's name the sentence goes on with a verb or a preposition, not with a noun ("an espresso
+            # dog"): the words any tag agrees with stand for the nouns
+            changes = {"prefix": prefix, "not_after_prefix": self.nouns if unk_as is not None else ()}
+            for n, hyps in zip(rows, decode_hyps(feats[rows], changes)):
                 out[n] = [(text_of(self.vocab, h.tokens, unk_as), float(h.score)) for h in hyps]
         return out
 
