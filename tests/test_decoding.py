@@ -357,3 +357,13 @@ def test_unk_is_allowed_in_the_prefix_only():
 def test_a_prefix_as_long_as_max_length_is_refused():
     with pytest.raises(ShowtellError, match="prefix"):
         DecodingOptions(max_length=2, prefix=(5, 6))
+
+
+def test_tokens_can_be_barred_right_after_the_prefix_only(trained):
+    model, features, _, words, _ = trained
+    prefix = tuple(words[2][:1])  # "a"
+    free = decode(model, features[2:3], DecodingOptions(prefix=prefix))[0][0].tokens
+    barred = decode(model, features[2:3], DecodingOptions(prefix=prefix, not_after_prefix=(free[1],)))[0][0].tokens
+    assert barred[0] == prefix[0] and barred[1] != free[1]  # the word the model wanted there is barred ...
+    later = decode(model, features[2:3], DecodingOptions(prefix=prefix, not_after_prefix=(free[2],)))[0][0].tokens
+    assert later == free  # ... but not a word it wants later

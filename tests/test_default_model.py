@@ -34,11 +34,30 @@ def test_load_without_arguments_captions_the_example_photos():
     results = showtell.load().caption(photos, beam_size=3)
     assert len(results) == 8 and all(r.ok and r.caption for r in results)
     assert len({r.caption for r in results}) >= 7  # distinct photos, distinct captions
-    # The photos of people are captioned as people. (The cat, the coffee cup, coins, a rocket and galaxies are
-    # outside Flickr8k's world of people and dogs: the model card lists that failure.)
-    captions = {p.stem: set(r.caption.split()) for p, r in zip(photos, results)}
+    by_name = {p.stem: r for p, r in zip(photos, results)}
+    # The photos of people are captioned as people by the model itself (camera.jpg's own caption is overruled by
+    # its sure "tripod" tag, and kept as model_caption).
     for person_photo in ("astronaut", "camera"):
-        assert captions[person_photo] & PERSON_WORDS, captions[person_photo]
+        r = by_name[person_photo]
+        assert set((r.model_caption or r.caption).split()) & PERSON_WORDS, r
+    # Every caption has tags and a confidence; the cat, outside Flickr8k's world, is called a cat because its tags
+    # are sure of it, while the model's own caption (a man on a couch) stays available.
+    assert all(r.tags and 0 <= r.confidence <= 1 for r in results)
+    cat = by_name["chelsea"]
+    assert "cat" in cat.caption.split() and cat.model_caption and "cat" not in cat.model_caption.split()
+    assert cat.tags[0][0] in ("Egyptian cat", "tabby", "tiger cat")
+    # Photos it has no words for get a low confidence: the galaxies, the coins and the rocket under 0.25
+    assert all(by_name[name].confidence < 0.25 for name in ("hubble_deep_field", "coins", "rocket"))
+
+
+def test_shipped_confidence_was_fitted_on_dev_data_and_says_how():
+    meta = read_metadata(SHIPPED)
+    fitted = meta["confidence"]["fitted"]
+    assert fitted["right"] == "per-image CIDEr-D >= 0.25"
+    assert fitted["photos"] == {"flickr8k_dev": 1000, "ood": 109}
+    assert fitted["flickr8k_dev"]["cider_before"] - fitted["flickr8k_dev"]["cider_after"] <= 0.01
+    assert fitted["ood"]["cider_after"] > fitted["ood"]["cider_before"]
+    assert 0 <= meta["grounding"]["low_confidence"] <= 1 and 0.2 <= meta["grounding"]["sure_tag"] <= 1
 
 
 def test_readme_main_command_captions_offline():
@@ -46,3 +65,4 @@ def test_readme_main_command_captions_offline():
                          capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 8 and all(r["caption"] and r["score"] < 0 for r in rows)
+    assert all(0 <= r["confidence"] <= 1 and r["tags"] and {"label", "p"} == set(r["tags"][0]) for r in rows)
