@@ -152,6 +152,9 @@ def test_a_doubtful_caption_is_grounded_on_a_sure_tag(tiny_checkpoint, photos, t
     plain = showtell.load(with_confidence(tiny_checkpoint, tmp_path / "n.safetensors", rule=never))
     (own,) = plain.caption([photos / "chelsea.jpg"], beam_size=2)
     assert own.caption == cat.model_caption and own.model_caption is None
+    # --no-grounding / ground=False: the model's own caption, still with its confidence
+    (own,) = showtell.load(tmp_path / "g.safetensors", ground=False).caption([photos / "chelsea.jpg"], beam_size=2)
+    assert own.caption == cat.model_caption and own.model_caption is None and 0 <= own.confidence <= 1
 
 
 def test_a_corrupt_confidence_field_is_refused_at_load(tiny_checkpoint, tmp_path):

@@ -36,7 +36,7 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
 class Captioner(BatchCaptioning):
     """A checkpoint with its encoder, ready to caption paths, bytes, PIL images or numpy arrays (see ``load_image``)."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None):
+    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None, ground: bool = True):
         from showtell.encoders import Preprocess, create_encoder
         from showtell.tags import NoTags, create_tagger
 
@@ -61,7 +61,7 @@ class Captioner(BatchCaptioning):
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
-        self.grounding = self._grounding(checkpoint)
+        self.grounding = self._grounding(checkpoint, ground)
         self.preprocess = Preprocess.from_dict(checkpoint.preprocess)
         self.transform = self.preprocess.transform(train=False)
         self.name = str(checkpoint.meta.get("name", checkpoint.encoder))
@@ -79,15 +79,17 @@ class Captioner(BatchCaptioning):
         with torch.inference_mode():
             return encode(self.encoder, images.to(self.device))
 
-    def _grounding(self, checkpoint: Checkpoint) -> Grounding | None:
+    def _grounding(self, checkpoint: Checkpoint, ground: bool) -> Grounding | None:
         """The checkpoint's confidence model and grounding rule (scripts/fit_confidence.py), when it has them and
-        there are tags to read them with."""
+        there are tags to read them with; without the rule when ``ground`` is false (captions are the model's own,
+        each with its confidence)."""
         meta = checkpoint.meta
         if "confidence" not in meta and "grounding" not in meta:
             return None
         confidence = ConfidenceModel.from_meta(meta.get("confidence"), checkpoint.extra_tensors,
                                                self.model.config.feature_dim)
         rule = GroundingRule.from_meta(meta["grounding"]) if "grounding" in meta else None
+        rule = rule if ground else None
         return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
 
     def hypotheses(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
@@ -130,11 +132,12 @@ class Captioner(BatchCaptioning):
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 
 
-def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu") -> Captioner:
-    """Load a checkpoint file, or the built-in model when no argument is given."""
+def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu", ground: bool = True) -> Captioner:
+    """Load a checkpoint file, or the built-in model when no argument is given. ``ground=False``: never replace
+    the model's caption by one grounded on a sure tag (showtell.grounding)."""
     path = resolve_model(path_or_name)
     checkpoint = load_checkpoint(path, map_location="cpu")
     try:
-        return Captioner(checkpoint, device=device)
+        return Captioner(checkpoint, device=device, ground=ground)
     except ShowtellError as e:  # an unknown encoder, a bad preprocessing record, features of the wrong size
         raise CheckpointError(f"{path}: {e}") from None

@@ -260,7 +260,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     else:
         from showtell.captioner import load
 
-        captioner = load(args.model)
+        captioner = load(args.model, ground=args.grounding)
     try:
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     except OSError as e:
@@ -365,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from showtell.decoding import DecodingOptions
     from showtell.evaluate import evaluate_records, format_scores, write_results
 
-    captioner = load(args.model)
+    captioner = load(args.model, ground=args.grounding)
     corpus = _load_corpus(args)
     records = corpus.split(args.split)[: args.limit] if args.limit else corpus.split(args.split)
     if not records:
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(failed ones are tried again)")
     cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery (after the results); "
                      "an existing FILE is replaced only if it is a showtell gallery")
+    cap.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
+                     help="replace a doubtful caption that a sure ImageNet tag contradicts by one about the tag, the "
+                          "model's own kept as model_caption (default on; --no-grounding: always the model's own)")
     cap.add_argument("--tags", type=_count(0, 1000), default=5, metavar="K",
                      help="also give the K most probable ImageNet classes of each photo, 0-1000 (default 5; 0: none)")
     cap.set_defaults(func=cmd_caption)
@@ -482,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", help="feature cache folder")
     ev.add_argument("--results", help="write COCO-format results JSON here")
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line at the end")
+    ev.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
+                    help="score the captions as `showtell caption` gives them, grounded on sure tags where the "
+                         "checkpoint's rule says so (default); --no-grounding: the model's own captions")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
