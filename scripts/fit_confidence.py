@@ -124,10 +124,20 @@ def main() -> int:
     ap.add_argument("--weights", choices=("fp32", "fp16", "int8"), default="int8",
                     help="how --out stores the model weights (default int8, as the built-in model)")
     ap.add_argument("--plot", help="reliability diagram PNG")
+    ap.add_argument("--human", action="store_true",
+                    help="only print how often a Flickr8k dev human caption, scored against the other four, is right "
+                         "(why RIGHT_CIDER is what it is)")
     ap.add_argument("--dump", help="also pickle the per-photo inputs, captions and scores here (for analysis)")
     args = ap.parse_args()
     started = time.time()
     torch.manual_seed(0)
+    if args.human:
+        dev = load_corpus("flickr8k", args.root).split("dev")
+        human = per_image_cider([list(r.captions[:-1]) for r in dev], [r.captions[-1] for r in dev])
+        print(json.dumps({"human_right": round(float((human >= RIGHT_CIDER).mean()), 4),
+                          "human_cider_percentiles": {q: round(float(np.percentile(human, q)), 4)
+                                                      for q in (10, 20, 25, 50)}}))
+        return 0
     captioner = load(args.model)
     if captioner.tagger is None:
         sys.exit(f"fit_confidence: this model has no tags ({captioner.tags_note})")
