@@ -167,3 +167,23 @@ def test_a_corrupt_confidence_field_is_refused_at_load(tiny_checkpoint, tmp_path
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [f"showtell: error: {bad}: bad confidence model in checkpoint: "
                                                "own: 'weights' must be 5 finite numbers"]
+
+
+def test_confidence_and_the_models_own_caption_reach_the_server_the_gallery_and_text(tiny_checkpoint, photos,
+                                                                                      tmp_path):
+    from fastapi.testclient import TestClient
+
+    import showtell
+    from showtell.report import render_gallery
+    from showtell.server import create_app
+
+    always = {"low_confidence": 1.0, "sure_tag": 0.0}
+    captioner = showtell.load(with_confidence(tiny_checkpoint, tmp_path / "g.safetensors", rule=always))
+    with TestClient(create_app(captioner)) as client:
+        body = client.post("/v1/caption", files={"file": ("cat.jpg", (photos / "chelsea.jpg").read_bytes())}).json()
+    assert body["caption"].startswith("a cat") and 0 <= body["confidence"] <= 1
+    assert body["model_caption"] and body["tags"][0]["label"] in ("Egyptian cat", "tabby", "tiger cat")
+    (result,) = captioner.caption([photos / "chelsea.jpg"])
+    assert f"the model's own caption: {result.model_caption}" in render_gallery([result])
+    assert result.extras_text().split("\t")[0] == f"confidence: {result.confidence:.2f}"
+    assert result.extras_text().split("\t")[-1] == f"model caption: {result.model_caption}"

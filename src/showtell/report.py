@@ -60,6 +60,8 @@ def _figure(result: Any) -> str:
                      f' <span class="score">({result.score:.2f})</span>'
                      + ("" if confidence is None else f' <span class="score">confidence {confidence:.0%}</span>')
                      + "</div>")
+        if getattr(result, "model_caption", None):  # a sure tag overruled the model's own caption
+            parts.append(f'<div class="score">the model\'s own caption: {escape(result.model_caption)}</div>')
         tags = getattr(result, "tags", None)
         if tags:
             chips = "".join(f"<li>{escape(label)} {p:.0%}</li>" for label, p in tags)

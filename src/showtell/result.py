@@ -52,10 +52,13 @@ class CaptionResult:
         return d
 
     def extras_text(self) -> str:
-        """The same as text: "confidence: 0.83", "tags: tabby (0.62), tiger cat (0.10)", tab-separated."""
+        """The same as text: "confidence: 0.83", "tags: tabby (0.62), tiger cat (0.10)", "model caption: ...",
+        tab-separated."""
         parts = [] if self.confidence is None else [f"confidence: {self.confidence:.2f}"]
         if self.tags:
             parts.append("tags: " + ", ".join(f"{label} ({p:.2f})" for label, p in self.tags))
+        if self.model_caption is not None:
+            parts.append(f"model caption: {self.model_caption}")
         return "\t".join(parts)
 
 

@@ -48,6 +48,12 @@ async function caption(file, before) {
     span.textContent = `confidence ${Math.round(body.confidence * 100)}%`;
     field("caption").append(" ", span);
   }
+  if (body.model_caption) {  // a sure tag overruled the model's own caption; show that one too
+    const own = document.createElement("div");
+    own.className = "own";
+    own.textContent = `the model's own caption: ${body.model_caption}`;
+    field("caption").after(own);
+  }
   for (const tag of body.tags || []) {  // the encoder's ImageNet classes, most probable first
     const li = document.createElement("li");
     li.textContent = `${tag.label} ${Math.round(tag.p * 100)}%`;
