@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from showtell import __version__
@@ -526,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     # 2-core CPU, spinning made training 9-21x slower (benchmarks/threads.py); on an idle machine sleeping costs
     # about a fifth. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Pillow warns about damaged files it can still read ("Truncated File Read"), without naming the file: a
+    # multi-line warning per photo in the middle of the results. A file it cannot read is that photo's error line.
+    warnings.filterwarnings("ignore", module="PIL")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
