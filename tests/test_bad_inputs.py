@@ -345,7 +345,9 @@ def test_planted_pickle_is_live(tmp_path):
 # Runs `showtell.cli.main(argv)` (what the `showtell` script runs) once per argv in one fresh process, so that
 # 16 cases pay for one torch import; an exception escaping main() is reported as a traceback, as it would be.
 MANY_RUNS = """
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, resource, sys, traceback
+if len(sys.argv) > 2:  # a limit on the process's data (heap) size, in bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (int(sys.argv[2]), int(sys.argv[2])))
 from showtell.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -363,10 +365,13 @@ print(json.dumps(results))
 """
 
 
-def showtell_many(argvs: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
-    run = subprocess.run([sys.executable, "-c", MANY_RUNS, json.dumps(argvs)], capture_output=True, text=True,
-                         timeout=300, **kwargs)
-    assert run.returncode == 0, run.stderr
+def showtell_many(argvs: list[list[str]], data_limit: int | None = None, **kwargs) -> list[subprocess.CompletedProcess]:
+    """Each argv's exit code, stdout and stderr; ``data_limit``: the process may use at most that many bytes of data
+    (RLIMIT_DATA: torch maps about 4 GiB of address space even for a normal run, but needs about 1 GiB of data)."""
+    limit = [] if data_limit is None else [str(data_limit)]
+    run = subprocess.run([sys.executable, "-c", MANY_RUNS, json.dumps(argvs), *limit], capture_output=True,
+                         text=True, timeout=300, **kwargs)
+    assert run.returncode == 0, run.stderr[-3000:]
     return [subprocess.CompletedProcess(argv, code, out, err) for argv, (code, out, err)
             in zip(argvs, json.loads(run.stdout))]
 

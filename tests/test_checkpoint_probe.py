@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_bad_inputs import showtell_many
 
 import showtell
 from showtell.checkpoint import load_checkpoint
@@ -262,24 +263,6 @@ def test_bad_onnx_export_config_is_one_line_at_load(tmp_path, parts, change, fra
 # vocab_size 1e9, a resize to 224 million pixels for crop_pct 1e-6, ...), and the NaN checkpoint captioned
 # "man the the the ..." with exit 0. An exception escaping main() is reported as a traceback.
 DATA_LIMIT = 3 * 2**30
-LIMITED_RUNS = """
-import contextlib, io, json, resource, sys, traceback
-resource.setrlimit(resource.RLIMIT_DATA, (int(sys.argv[2]), int(sys.argv[2])))
-from showtell.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            code = 1
-            traceback.print_exc()
-    results.append([code, out.getvalue(), err.getvalue()])
-print(json.dumps(results))
-"""
 
 
 @pytest.mark.slow  # ~15 s: 14 runs, two of them load the built-in model
@@ -297,10 +280,7 @@ def test_hostile_models_and_options_end_in_one_line_within_a_memory_limit(tmp_pa
               ["caption", photo, "--max-length", "1000000", "--model", str(tiny_checkpoint)],
               ["caption", photo, "--model", str(overflow), "--format", "jsonl"],
               ["caption", photo, "--model", str(tiny_checkpoint), "--format", "jsonl"]]  # a good run fits the limit
-    run = subprocess.run([sys.executable, "-c", LIMITED_RUNS, json.dumps(argvs), str(DATA_LIMIT)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    outs = json.loads(run.stdout)
+    outs = [(r.returncode, r.stdout, r.stderr) for r in showtell_many(argvs, data_limit=DATA_LIMIT)]
     expected = [f"showtell: error: {p}: " for p in paths.values()]
     expected += ["showtell: error: ", "showtell: error: ",  # the option's bound, from argparse (exit 2) or decoding
                  f"showtell: error: {photo}: no caption, the model's outputs are NaN or infinite"]
