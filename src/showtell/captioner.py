@@ -36,7 +36,7 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
 class Captioner(BatchCaptioning):
     """A checkpoint with its encoder, ready to caption paths, bytes, PIL images or numpy arrays (see ``load_image``)."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "cpu", encoder=None, ground: bool = True):
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", encoder=None, ground: bool = True):
         from showtell.encoders import Preprocess, create_encoder
         from showtell.tags import NoTags, create_tagger
 
@@ -132,9 +132,13 @@ class Captioner(BatchCaptioning):
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 
 
-def load(path_or_name: str | os.PathLike | None = None, device: str = "cpu", ground: bool = True) -> Captioner:
-    """Load a checkpoint file, or the built-in model when no argument is given. ``ground=False``: never replace
-    the model's caption by one grounded on a sure tag (showtell.grounding)."""
+def load(path_or_name: str | os.PathLike | None = None, device: str = "auto", ground: bool = True) -> Captioner:
+    """Load a checkpoint file, or the built-in model when no argument is given. ``device``: auto (CUDA when there
+    is a GPU, else the CPU), cpu, cuda, cuda:N or mps. ``ground=False``: never replace the model's caption by one
+    grounded on a sure tag (showtell.grounding)."""
+    from showtell.devices import resolve_device
+
+    device = resolve_device(device)  # a device this machine lacks fails before the checkpoint is read
     path = resolve_model(path_or_name)
     checkpoint = load_checkpoint(path, map_location="cpu")
     try:

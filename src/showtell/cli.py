@@ -54,6 +54,28 @@ def _finite(text: str) -> float:
     return value
 
 
+def _device_name(text: str) -> str:
+    from showtell.config import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ShowtellError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device ")) from None
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device_name, default="auto",
+                   help="auto (default: CUDA when there is a GPU, else the CPU), cpu, cuda, cuda:N or mps; a device "
+                        "this machine lacks is an error before any work")
+
+
+def _device(name: str):
+    """The torch device for ``name``: checked to be on this machine before any work (a one-line error if not)."""
+    from showtell.devices import resolve_device
+
+    return resolve_device(name)
+
+
 def _usage_line(message: str, prog: str, argv: list[str]) -> str:
     """argparse's complaint as one line; a path that starts with '-' (taken for an option) gets the way out."""
     head = argv[: argv.index("--")] if "--" in argv else argv
@@ -234,10 +256,63 @@ def _write(out, text: str) -> None:
         raise ShowtellError(f"{out.name}: cannot write ({e.strerror}); the lines written before stay") from None
 
 
+def _parts(output: str) -> dict[int, list[str]]:
+    """The share files of a caption run under torchrun beside ``output`` (OUTPUT.part-R-of-N), by N, in rank order."""
+    import glob
+    import re
+
+    found: dict[int, dict[int, str]] = {}
+    for path in glob.glob(glob.escape(output) + ".part-*-of-*"):
+        m = re.fullmatch(r"\.part-([0-9]+)-of-([0-9]+)", path[len(output):])
+        if m:
+            found.setdefault(int(m[2]), {})[int(m[1])] = path
+    return {n: [ranks[r] for r in sorted(ranks)] for n, ranks in found.items()}
+
+
+def _join_parts(output: str, parts: list[str], append: bool) -> None:
+    """Rank 0 of a caption run under torchrun: the shares in input order (after what --output held, with --resume)
+    replace --output in one rename; then the shares go."""
+    import shutil
+
+    from showtell.fileio import atomic_path
+
+    try:
+        with atomic_path(output) as tmp, open(tmp, "wb") as joined:
+            for src in ([output] if append and os.path.exists(output) else []) + parts:
+                with open(src, "rb") as f:
+                    shutil.copyfileobj(f, joined)
+        for part in parts:
+            os.remove(part)
+    except OSError as e:
+        raise ShowtellError(f"{output}: cannot join the shares of the processes ({e.strerror}); they stay in "
+                            f"{output}.part-*, and --resume joins them") from None
+
+
+def _distributed_caption(args: argparse.Namespace, world: int) -> None:
+    """Refuse, before any work, what a caption run of ``world`` processes (torchrun) cannot do."""
+    if world > 1 and not args.output:
+        raise ShowtellError(f"{world} processes (torchrun) need --output FILE: each writes its share beside it, "
+                            "and the first joins them into FILE")
+    if world > 1 and (args.html or args.runtime == "onnx"):
+        raise ShowtellError(f"{'--html' if args.html else '--runtime onnx'} works in one process, not "
+                            f"{world} (torchrun)")
+    if world > 1 and os.path.exists(args.output) and not os.path.isfile(args.output):
+        raise ShowtellError(f"{args.output}: not a regular file; {world} processes join their shares into one")
+    if args.resume:
+        other = sorted(n for n in _parts(args.output) if n != world)
+        if other:
+            raise ShowtellError(f"{args.output}: holds the shares of an interrupted run of {other[0]} processes; "
+                                f"resume it with {other[0]} processes, not {world}")
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from showtell.images import expand_paths
     from showtell.result import CaptionResult
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun: each process captions a share
+    if args.runtime == "onnx" and args.device not in ("auto", "cpu"):
+        raise ShowtellError(f"--device {args.device}: --runtime onnx runs on the CPU")
+    device = _device(args.device) if args.runtime == "torch" else None
     paths, empty_dirs = [], []
     for arg in args.paths:
         found = [str(p) for p in expand_paths([arg])]
@@ -248,11 +323,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise ShowtellError("no images found in " + " ".join(args.paths))
     if args.resume and not (args.output and args.format == "jsonl"):
         raise ShowtellError("--resume needs --output FILE with --format jsonl")
+    _distributed_caption(args, world)
     _check_outputs(args, paths)
-    if args.resume and _drop_torn_tail(args.output):
-        print(f"showtell: warning: dropped a partial last line of {one_line(args.output)} (an interrupted write)",
+    rank, target = 0, args.output
+    if world > 1:  # the process group, and this process's contiguous share of the photos, written beside --output
+        from showtell.devices import init_distributed
+
+        rank, world = init_distributed()
+        paths = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
+        empty_dirs = empty_dirs if rank == 0 else []
+        target = f"{args.output}.part-{rank}-of-{world}"
+    if args.resume and _drop_torn_tail(target):
+        print(f"showtell: warning: dropped a partial last line of {one_line(target)} (an interrupted write)",
               file=sys.stderr)
-    done = _done_images(args.output) if args.resume else set()
+    done = _done_images(args.output) | _done_images(target) if args.resume else set()
     todo = [p for p in paths if p not in done]
     if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
         from showtell.onnx_runtime import load_onnx
@@ -261,11 +345,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     else:
         from showtell.captioner import load
 
-        captioner = load(args.model, ground=args.grounding)
+        captioner = load(args.model, device=device, ground=args.grounding)
     try:
-        out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
+        out = open(target, "a" if args.resume else "w", encoding="utf-8") if target else sys.stdout
     except OSError as e:
-        raise ShowtellError(f"{args.output}: cannot write ({e.strerror})") from None
+        raise ShowtellError(f"{target}: cannot write ({e.strerror})") from None
     gallery, failures, warned = [], 0, False
     try:
         results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
@@ -274,7 +358,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
                 failures += 1
                 print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
-            if r.tags_note and not warned:  # the same for every photo: say it once
+            if r.tags_note and not warned and rank == 0:  # the same for every photo: say it once
                 print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
                 warned = True
             if r.caption is not None or args.format == "jsonl":
@@ -287,6 +371,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 out.close()
             except OSError:  # the write error is being reported already
                 pass
+    if world > 1:  # every share written: the first process joins them; the others wait, so none is cut off early
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _join_parts(args.output, _parts(args.output)[world], append=args.resume)
+        dist.barrier()
+        dist.destroy_process_group()
     if args.html:  # after the results are out: a failure here loses no caption
         from showtell.report import write_gallery
 
@@ -295,9 +387,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ShowtellError(f"{args.html}: cannot write the gallery ({e.strerror}); the captions were "
                                 "written") from None
-    if done:
-        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {one_line(args.output)}",
-              file=sys.stderr)
+    if len(todo) < len(paths):
+        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {one_line(target)}"
+              + (f" or {one_line(args.output)}" if target != args.output else ""), file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -366,7 +458,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from showtell.decoding import DecodingOptions
     from showtell.evaluate import evaluate_records, format_scores, write_results
 
-    captioner = load(args.model, ground=args.grounding)
+    captioner = load(args.model, device=_device(args.device), ground=args.grounding)
     corpus = _load_corpus(args)
     records = corpus.split(args.split)[: args.limit] if args.limit else corpus.split(args.split)
     if not records:
@@ -384,10 +476,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     from showtell.server import serve
 
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-          max_megapixels=args.max_megapixels)
+          max_megapixels=args.max_megapixels, device=device)
     return 0
 
 
@@ -455,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's own kept as model_caption (default on; --no-grounding: always the model's own)")
     cap.add_argument("--tags", type=_count(0, 1000), default=5, metavar="K",
                      help="also give the K most probable ImageNet classes of each photo, 0-1000 (default 5; 0: none)")
+    _add_device_arg(cap)
     cap.set_defaults(func=cmd_caption)
 
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
@@ -464,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted, MiB (default 10)")
     srv.add_argument("--max-megapixels", type=float, default=40.0,
                      help="largest image accepted, million pixels (default 40); bounds decoding memory")
+    _add_device_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")
@@ -489,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
                     help="score the captions as `showtell caption` gives them, grounded on sure tags where the "
                          "checkpoint's rule says so (default); --no-grounding: the model's own captions")
+    _add_device_arg(ev)
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

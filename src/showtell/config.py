@@ -32,6 +32,17 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise ShowtellError(f"{path}: invalid TOML ({e})") from None
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device name showtell takes (auto, cpu, cuda, cuda:N, mps), else a one-line ShowtellError;
+    whether the device is present is showtell.devices.resolve_device's concern."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ShowtellError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every training setting. CLI flags and a TOML file map onto these fields."""
@@ -130,7 +141,6 @@ _POSITIVE = ("lr", "scst_lr", "lr_decay", "grad_clip")      # finite and > 0
 _NOT_NEGATIVE = ("weight_decay", "scst_bleu")               # finite and >= 0
 _FRACTION = ("dropout", "image_dropout", "label_smoothing")  # in [0, 1)
 _CHOICES = {"scst_baseline": ("mean", "greedy")}
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 _KINDS = {"int": (int, "a whole number"), "float": ((int, float), "a number"), "str": (str, "a string"),
           "bool": (bool, "true or false")}
 
@@ -163,5 +173,5 @@ def _check_values(d: dict) -> None:
             raise ShowtellError(f"{name} must be in [0, 1), got {value}")
         if name in _CHOICES and value not in _CHOICES[name]:
             raise ShowtellError(f"{name} must be {' or '.join(map(repr, _CHOICES[name]))}, got {value!r}")
-        if name == "device" and not _DEVICE.fullmatch(value):
-            raise ShowtellError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        if name == "device":
+            check_device_name(value)

@@ -5,7 +5,6 @@ checkpoints, early stopping, resume, readable logs."""
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from showtell.config import TrainConfig
 from showtell.data import LengthBucketSampler, pad_captions
 from showtell.datasets import CaptionRecord, load_corpus
 from showtell.decoding import DecodingOptions
+from showtell.devices import init_distributed, resolve_device
 from showtell.encoders import encoder_info
 from showtell.errors import ShowtellError
 from showtell.evaluate import generate, score_records
@@ -37,35 +37,11 @@ RESUMABLE_CHANGES = ("epochs", "patience", "cache_dir", "device", "num_workers")
 DEV_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        # CPU tensors (loss sums, token counts, the run state) go through gloo also where NCCL carries the gradients;
-        # each process takes the GPU of its LOCAL_RANK; the long timeout covers feature extraction.
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=6))
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
-
-
 def _amp(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
     """Mixed precision: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX: ~1.7x here)."""
     if device.type == "cuda":
         return enabled, torch.float16
     return enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported(), torch.bfloat16
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # the name's form is checked by TrainConfig; here, that the device is present
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ShowtellError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ShowtellError(f"device {name!r}: no Apple MPS device on this machine")
-    return device
 
 
 class _Log:
@@ -158,8 +134,8 @@ class _Loss(torch.nn.Module):
 class Trainer:
     def __init__(self, config: TrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = False):
         self.config, self.out, self.quiet, self.resume = config, Path(out), quiet, resume
-        self.rank, self.world = _distributed()
-        self.device = _device(config.device)
+        self.rank, self.world = init_distributed()
+        self.device = resolve_device(config.device)
         self.main = self.rank == 0
         self.init = None  # (vocabulary, model, record) of the --init checkpoint, loaded by run()
 
