@@ -329,7 +329,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if world > 1:  # the process group, and this process's contiguous share of the photos, written beside --output
         from showtell.devices import init_distributed
 
-        rank, world = init_distributed()
+        rank, world = init_distributed(device)  # never None: --runtime onnx was refused
         paths = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
         empty_dirs = empty_dirs if rank == 0 else []
         target = f"{args.output}.part-{rank}-of-{world}"

@@ -26,15 +26,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1)."""
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1). On a CUDA ``device`` each
+    process takes the GPU of its LOCAL_RANK and NCCL joins gloo; on the CPU (also of a machine with GPUs) gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         # CPU tensors (loss sums, token counts, the run state) go through gloo also where NCCL carries the gradients;
         # each process takes the GPU of its LOCAL_RANK; the long timeout covers feature extraction and the
         # barrier where the first process waits for the others' shares of a photo archive.
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+        gpu = device.type == "cuda"
+        backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
+        if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=6))
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)

@@ -134,8 +134,8 @@ class _Loss(torch.nn.Module):
 class Trainer:
     def __init__(self, config: TrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = False):
         self.config, self.out, self.quiet, self.resume = config, Path(out), quiet, resume
-        self.rank, self.world = init_distributed()
         self.device = resolve_device(config.device)
+        self.rank, self.world = init_distributed(self.device)
         self.main = self.rank == 0
         self.init = None  # (vocabulary, model, record) of the --init checkpoint, loaded by run()
 
