@@ -47,6 +47,7 @@ def test_two_processes_write_the_lines_of_one_and_a_failed_photo_once(tiny_check
     shutil.copytree(IMAGES, folder)
     (folder / "damaged.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # in the middle of the sorted order
     one = showtell_cli(*caption_args(tiny_checkpoint, folder, tmp_path / "one.jsonl"))
+    (tmp_path / "two.jsonl.part-1-of-3").write_text("")  # left by an abandoned run of 3 processes
     two = torchrun(*caption_args(tiny_checkpoint, folder, tmp_path / "two.jsonl"))
     assert one.returncode == 1 and two.returncode != 0  # a photo failed
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
@@ -54,7 +55,7 @@ def test_two_processes_write_the_lines_of_one_and_a_failed_photo_once(tiny_check
     assert [Path(r["image"]).name for r in rows if "error" in r] == ["damaged.jpg"] and len(rows) == 9
     said = [line for line in two.stderr.splitlines() if line.startswith("showtell: error:")]
     assert len(said) == 1 and "damaged.jpg" in said[0], two.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "one.jsonl", "two.jsonl"]  # the shares went
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "one.jsonl", "two.jsonl"]  # the parts went
 
 
 def test_two_processes_refuse_stdout_in_one_line_each(tiny_checkpoint):

@@ -269,19 +269,21 @@ def _parts(output: str) -> dict[int, list[str]]:
     return {n: [ranks[r] for r in sorted(ranks)] for n, ranks in found.items()}
 
 
-def _join_parts(output: str, parts: list[str], append: bool) -> None:
-    """Rank 0 of a caption run under torchrun: the shares in input order (after what --output held, with --resume)
-    replace --output in one rename; then the shares go."""
+def _join_parts(output: str, world: int, append: bool) -> None:
+    """Rank 0 of a caption run of ``world`` processes: their shares in input order (after what --output held, with
+    --resume) replace --output in one rename; then every part beside it goes, also those of an abandoned run of
+    another number of processes (this run replaced what they were for; --resume refuses to start beside them)."""
     import shutil
 
     from showtell.fileio import atomic_path
 
+    parts = _parts(output)
     try:
         with atomic_path(output) as tmp, open(tmp, "wb") as joined:
-            for src in ([output] if append and os.path.exists(output) else []) + parts:
+            for src in ([output] if append and os.path.exists(output) else []) + parts[world]:
                 with open(src, "rb") as f:
                     shutil.copyfileobj(f, joined)
-        for part in parts:
+        for part in itertools.chain(*parts.values()):
             os.remove(part)
     except OSError as e:
         raise ShowtellError(f"{output}: cannot join the shares of the processes ({e.strerror}); they stay in "
@@ -376,7 +378,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
         dist.barrier()
         if rank == 0:
-            _join_parts(args.output, _parts(args.output)[world], append=args.resume)
+            _join_parts(args.output, world, append=args.resume)
         dist.barrier()
         dist.destroy_process_group()
     if args.html:  # after the results are out: a failure here loses no caption
@@ -537,10 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "bytes back)")
     cap.add_argument("--output", help="write results to this file instead of stdout; an existing file is "
                      "overwritten only if it is empty or a showtell results file (a jsonl first line starts with "
-                     "{\"image\": , a text one is UTF-8 with a TAB), never one of the input images")
+                     "{\"image\": , a text one is UTF-8 with a TAB), never one of the input images. Under torchrun "
+                     "(N processes, --output required) process R writes its share to OUTPUT.part-R-of-N and the first "
+                     "joins the shares in input order into OUTPUT")
     cap.add_argument("--resume", action="store_true",
                      help="append to --output (a showtell jsonl file), skipping images already captioned in it "
-                          "(failed ones are tried again)")
+                          "(failed ones are tried again); under torchrun each process continues its OUTPUT.part-R-of-N "
+                          "(with the number of processes that wrote them)")
     cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery (after the results); "
                      "an existing FILE is replaced only if it is a showtell gallery")
     cap.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
