@@ -13,6 +13,8 @@ What is copied, and kept as it is there (the costs are the point):
   num_workers=0 (the notebook's default), then encoder + decoder forward, backward, Adam.
 - Inference: one image at a time (Resize 256, CenterCrop 224, ToTensor, Normalize), encoder, then ``sample()``:
   greedy, max length 20, a ``.item()`` per step, stop at <end>. As in the notebooks, there is no ``no_grad``.
+  ``caption(path, max_len)`` lets a benchmark stop the untrained decoder where a trained one would emit <end>
+  (random weights rarely do, so every caption would run all 20 steps).
 
 ResNet-50 weights are random (``weights=None``): the cost of a forward pass does not depend on them, and the
 benchmark stays offline. Tokenisation uses showtell's Vocabulary instead of nltk (not part of the timed work).
@@ -157,13 +159,13 @@ class Reference:
         self.optimizer.step()
         return loss.item(), captions.shape[0]
 
-    def caption(self, path: str | Path) -> list[int]:
-        """CVND's inference for one image: transform, encoder, greedy ``sample``."""
+    def caption(self, path: str | Path, max_len: int = 20) -> list[int]:
+        """CVND's inference for one image: transform, encoder, greedy ``sample`` of at most ``max_len`` steps."""
         self.encoder.eval()
         self.decoder.eval()
         image = transform_test(Image.open(path).convert("RGB")).unsqueeze(0)
         features = self.encoder(image).unsqueeze(1)
-        return self.decoder.sample(features, end_id=self.end_id)
+        return self.decoder.sample(features, max_len=max_len, end_id=self.end_id)
 
     def encode_only(self, path: str | Path) -> torch.Tensor:
         self.encoder.eval()

@@ -1,15 +1,18 @@
 """Training throughput in captions/s: showtell's training loop against the classic tutorial loop, in one run.
 
-    python benchmarks/train_speed.py [--quick] [--limit 1000] [--rounds 3] [--ref-steps 3] [--cache-dir DIR]
+    python benchmarks/train_speed.py [--quick] [--no-amp] [--limit 1000] [--rounds 3] [--ref-steps 3] [--cache-dir DIR]
 
 showtell: the real ``Trainer.train_epoch`` (cached fp16 features, a random view of each image, the real
-LengthBucketSampler batches of 64, ``CaptionModel.loss`` through the DDP-ready loss module, Adam, gradient
-clipping) over the captions of the first ``--limit`` Flickr8k training images, with the vocabulary of the whole
-training split. Features come from ``--cache-dir`` when it holds (or may build) the training split's flip cache,
-otherwise they are random fp16 vectors of the real shape: the cost of a step does not depend on their values.
+LengthBucketSampler batches of 64, ``CaptionModel.loss`` through the DDP-ready loss module, Adam, gradient clipping;
+mixed precision as in a real run: bf16 where the CPU runs it natively, ``--no-amp`` for fp32) over the captions of
+the first ``--limit`` Flickr8k training images, with the vocabulary of the whole training split. Features come from
+``--cache-dir`` when it holds (or may build) the training split's flip cache, otherwise they are random fp16 vectors
+of the real shape: the cost of a step does not depend on their values.
 
-reference: ``benchmarks/reference.py``'s CVND training step on the same images and vocabulary size: 64 captions
-of one length, JPEG decoding + the classic transform, a frozen ResNet-50 forward, LSTM forward/backward, Adam.
+reference: ``benchmarks/reference.py``'s CVND training step on the same images and vocabulary size: 64 captions of
+one length, JPEG decoding + the classic transform, a frozen ResNet-50 forward, LSTM forward/backward, Adam, in fp32
+as the tutorials run. Both sides' precision is in the output (``showtell_precision``, ``reference_precision``): with
+bf16 on, part of the ratio is bf16's; ``--no-amp`` gives the ratio with showtell in fp32 too.
 
 The two alternate (a reference slice, then a showtell epoch, ``--rounds`` times) after one warm-up each, so
 load from other processes hits both alike. The last line is a JSON object; ``ratio`` = showtell / reference.
@@ -29,14 +32,14 @@ from _common import cli_environment, corpus, emit, flickr8k_root, peak_rss_mb
 from reference import Reference
 
 
-def make_trainer(train_records, limit: int, out: Path, cache_dir: str | None):
+def make_trainer(train_records, limit: int, out: Path, cache_dir: str | None, amp: bool = True):
     from showtell.data import LengthBucketSampler
     from showtell.encoders import encoder_info
     from showtell.features import extract_features
     from showtell.train import TrainConfig, Trainer
 
     config = TrainConfig(root=str(flickr8k_root()), encoder="efficientnet_lite2", batch_size=64, device="cpu",
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, amp=amp)
     trainer = Trainer(config, out, quiet=True)
     trainer.records = {"train": train_records, "dev": []}
     trainer.info = encoder_info(config.encoder)
@@ -64,6 +67,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="timed rounds (default 3, quick 2)")
     ap.add_argument("--ref-steps", type=int, help="reference steps per round (default 3, quick 1)")
     ap.add_argument("--cache-dir", help="feature cache holding the training split's flip features")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                    help="showtell's mixed precision (bf16 on a CPU that supports it); --no-amp: fp32 like the "
+                         "reference (default on, as showtell trains)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads for both (default: torch's own)")
     args = ap.parse_args()
     cli_environment()
@@ -75,7 +81,7 @@ def main() -> None:
 
     train = corpus().split("train")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, source = make_trainer(train, limit, Path(tmp) / "run", args.cache_dir)
+        trainer, source = make_trainer(train, limit, Path(tmp) / "run", args.cache_dir, amp=args.amp)
         vocab = trainer.vocab
         items = [(r.image, vocab.encode(c)) for r in train[:limit] for c in r.captions]
         ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.end_id)
@@ -96,12 +102,21 @@ def main() -> None:
             st_caps += len(trainer.items)
 
     st_speed, ref_speed = st_caps / st_time, ref_caps / ref_time
+    from showtell.train import _amp
+
+    use_amp, amp_dtype = _amp(args.amp, torch.device("cpu"))
+    precision = str(amp_dtype).removeprefix("torch.").replace("bfloat16", "bf16") if use_amp else "fp32"
+    threads = torch.get_num_threads()
+    print(f"showtell: threads {threads}, batch 64, precision {precision} (cached features)\n"
+          f"reference: threads {threads}, batch 64, precision fp32 (JPEG + ResNet-50 every step)\n"
+          f"captions/s: showtell {st_speed:.1f}, reference {ref_speed:.2f}, ratio {st_speed / ref_speed:.1f}")
     emit({"benchmark": "train_speed", "ratio": round(st_speed / ref_speed, 1),
           "showtell_captions_per_s": round(st_speed, 1), "reference_captions_per_s": round(ref_speed, 2),
           "showtell_captions": st_caps, "showtell_seconds": round(st_time, 2),
           "reference_captions": ref_caps, "reference_seconds": round(ref_time, 2),
-          "batch_size": 64, "limit_images": limit, "vocab_size": len(vocab), "features": source,
-          "showtell_loss_per_epoch": [round(x, 3) for x in st_losses], "threads": torch.get_num_threads(),
+          "batch_size": 64, "showtell_precision": precision, "reference_precision": "fp32",
+          "limit_images": limit, "vocab_size": len(vocab), "features": source,
+          "showtell_loss_per_epoch": [round(x, 3) for x in st_losses], "threads": threads,
           "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 

@@ -25,8 +25,8 @@ def test_shipped_checkpoint_is_small_and_records_how_it_was_made():
             assert 0.1 < scores["BLEU-4"] < 1 and 0.2 < scores["CIDEr"] < 3 and scores["images"] == 1000
 
 
-PERSON_WORDS = {"man", "men", "woman", "women", "person", "people", "boy", "girl", "child", "children", "player",
-                "crowd"}
+PERSON_WORDS = {"man", "men", "woman", "women", "person", "people", "boy", "boys", "girl", "girls", "child",
+                "children", "player", "crowd"}
 
 
 def test_load_without_arguments_captions_the_example_photos():

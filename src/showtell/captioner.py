@@ -36,8 +36,10 @@ def resolve_model(path_or_name: str | os.PathLike | None) -> Path:
 class Captioner(BatchCaptioning):
     """A checkpoint with its encoder, ready to caption paths, bytes, PIL images or numpy arrays (see ``load_image``)."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", encoder=None, ground: bool = True):
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", encoder=None, ground: bool = True,
+                 precision: str | None = None):
         from showtell.encoders import Preprocess, create_encoder
+        from showtell.quantize import decoder_for, feature_encoder
         from showtell.tags import NoTags, create_tagger
 
         self.checkpoint = checkpoint
@@ -61,6 +63,9 @@ class Captioner(BatchCaptioning):
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
+        # features come from the int8 build of the encoder where it runs (showtell.quantize), else the encoder itself
+        self.precision, self.feature_encoder = feature_encoder(self.encoder, precision, self.device)
+        self.decoder = decoder_for(self.model, self.precision, self.device)  # the model, or in bf16 with int8
         self.grounding = self._grounding(checkpoint, ground)
         self.preprocess = Preprocess.from_dict(checkpoint.preprocess)
         self.transform = self.preprocess.transform(train=False)
@@ -77,7 +82,7 @@ class Captioner(BatchCaptioning):
         from showtell.features import encode
 
         with torch.inference_mode():
-            return encode(self.encoder, images.to(self.device))
+            return encode(self.feature_encoder, images.to(self.device))
 
     def _grounding(self, checkpoint: Checkpoint, ground: bool) -> Grounding | None:
         """The checkpoint's confidence model and grounding rule (scripts/fit_confidence.py), when it has them and
@@ -93,7 +98,7 @@ class Captioner(BatchCaptioning):
         return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
 
     def hypotheses(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
-        return decode(self.model, feats.to(self.device), options, start_id=self.vocab.start_id,
+        return decode(self.decoder, feats.to(self.device), options, start_id=self.vocab.start_id,
                       end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
 
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
@@ -132,16 +137,20 @@ class Captioner(BatchCaptioning):
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 
 
-def load(path_or_name: str | os.PathLike | None = None, device: str = "auto", ground: bool = True) -> Captioner:
+def load(path_or_name: str | os.PathLike | None = None, device: str = "auto", ground: bool = True,
+         precision: str | None = None) -> Captioner:
     """Load a checkpoint file, or the built-in model when no argument is given. ``device``: auto (CUDA when there
     is a GPU, else the CPU), cpu, cuda, cuda:N or mps. ``ground=False``: never replace the model's caption by one
-    grounded on a sure tag (showtell.grounding)."""
+    grounded on a sure tag (showtell.grounding). ``precision``: "fp32" or "int8" (the int8 encoder, and the decoder
+    in bf16 where the CPU computes bf16; CPU only); None = int8 where this CPU runs it well (showtell.quantize)."""
     from showtell.devices import resolve_device
+    from showtell.quantize import check_precision
 
+    check_precision(precision)
     device = resolve_device(device)  # a device this machine lacks fails before the checkpoint is read
     path = resolve_model(path_or_name)
     checkpoint = load_checkpoint(path, map_location="cpu")
     try:
-        return Captioner(checkpoint, device=device, ground=ground)
+        return Captioner(checkpoint, device=device, ground=ground, precision=precision)
     except ShowtellError as e:  # an unknown encoder, a bad preprocessing record, features of the wrong size
         raise CheckpointError(f"{path}: {e}") from None

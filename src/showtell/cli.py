@@ -343,11 +343,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
         from showtell.onnx_runtime import load_onnx
 
+        if args.precision:
+            raise ShowtellError("--precision is for --runtime torch; an ONNX export runs its encoder in fp32")
         captioner = load_onnx(args.model)
     else:
         from showtell.captioner import load
 
-        captioner = load(args.model, device=device, ground=args.grounding)
+        captioner = load(args.model, device=device, ground=args.grounding, precision=args.precision)
     try:
         out = open(target, "a" if args.resume else "w", encoding="utf-8") if target else sys.stdout
     except OSError as e:
@@ -460,7 +462,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from showtell.decoding import DecodingOptions
     from showtell.evaluate import evaluate_records, format_scores, write_results
 
-    captioner = load(args.model, device=_device(args.device), ground=args.grounding)
+    captioner = load(args.model, device=_device(args.device), ground=args.grounding, precision=args.precision)
     corpus = _load_corpus(args)
     records = corpus.split(args.split)[: args.limit] if args.limit else corpus.split(args.split)
     if not records:
@@ -482,7 +484,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from showtell.server import serve
 
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-          max_megapixels=args.max_megapixels, device=device)
+          max_megapixels=args.max_megapixels, device=device, precision=args.precision)
     return 0
 
 
@@ -502,6 +504,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                              weights=args.weights)
     print(f"wrote {args.out}: an ensemble of {len(ckpt.model.members)} models")
     return 0
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "int8"), default=None,
+                   help="int8: the int8 encoder, and the decoder in bf16 where the CPU computes bf16 (about 3-4x "
+                        "faster on a CPU with VNNI); fp32 (default: int8 where this CPU runs it, else fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--tags", type=_count(0, 1000), default=5, metavar="K",
                      help="also give the K most probable ImageNet classes of each photo, 0-1000 (default 5; 0: none)")
     _add_device_arg(cap)
+    _add_precision_arg(cap)
     cap.set_defaults(func=cmd_caption)
 
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
@@ -564,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-megapixels", type=float, default=40.0,
                      help="largest image accepted, million pixels (default 40); bounds decoding memory")
     _add_device_arg(srv)
+    _add_precision_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")
@@ -591,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint's rule says so (default); --no-grounding: the model's own captions")
     _add_device_arg(ev)
     ev.add_argument("--quiet", action="store_true")
+    _add_precision_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     feat = sub.add_parser("features", help="extract and cache encoder features")

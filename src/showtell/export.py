@@ -99,7 +99,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShowtellError(f"{out}: exists and is not a directory")
-    captioner = load(model)
+    captioner = load(model, precision="fp32")  # the export is of the fp32 encoder
     out.mkdir(parents=True, exist_ok=True)
     ckpt, encoder, decoder = captioner.checkpoint, captioner.encoder.cpu().eval(), captioner.model.cpu().eval()
     config, pre, vocab = decoder.config, captioner.preprocess, captioner.vocab

@@ -41,9 +41,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "showtell" / "features"
 
 
-def _fingerprint(encoder: str, preprocess: dict, flip: bool, images: list[Path]) -> str:
+def _fingerprint(encoder: str, preprocess: dict, flip: bool, images: list[Path], precision: str = "fp32") -> str:
+    variant = {} if precision == "fp32" else {"precision": precision}  # fp32 caches keep the keys they always had
     h = hashlib.sha256(json.dumps({"encoder": encoder, "preprocess": preprocess, "flip": flip,
-                                   "format": FORMAT_VERSION}, sort_keys=True).encode())
+                                   "format": FORMAT_VERSION, **variant}, sort_keys=True).encode())
     for p in images:
         try:
             st = p.stat()
@@ -134,6 +135,7 @@ def _copy_rows(path: Path, manifest: dict, images: list[Path], done: np.ndarray,
     wanted = set(manifest["images"])
     for source in sources:
         same = all(source.manifest.get(k) == manifest[k] for k in ("encoder", "preprocess", "flip", "dim"))
+        same = same and source.manifest.get("precision", "fp32") == manifest.get("precision", "fp32")
         if not same:
             continue
         pairs = [(i, source.rows[str(p)]) for i, p in enumerate(images) if not done[i] and str(p) in source.rows]
@@ -155,14 +157,16 @@ def _open(path: Path, manifest: dict) -> FeatureCache:
     return FeatureCache(path, manifest, features, rows)
 
 
-def _locate(images: list[Path], encoder_name: str, cache_dir, flip: bool) -> tuple[Path, str, dict, dict | None]:
+def _locate(images: list[Path], encoder_name: str, cache_dir, flip: bool,
+            precision: str = "fp32") -> tuple[Path, str, dict, dict | None]:
     """The cache folder of these images, its fingerprint, the encoder's info, and the folder's usable manifest
     (None when missing, unreadable or built another way)."""
     from showtell.encoders import encoder_info
 
     info = encoder_info(encoder_name)
-    key = _fingerprint(encoder_name, info["preprocess"], flip, images)
-    path = Path(cache_dir or default_cache_dir()) / f"{encoder_name}{'-flip' if flip else ''}-{key[:16]}"
+    key = _fingerprint(encoder_name, info["preprocess"], flip, images, precision)
+    variant = "" if precision == "fp32" else f"-{precision}"
+    path = Path(cache_dir or default_cache_dir()) / f"{encoder_name}{variant}{'-flip' if flip else ''}-{key[:16]}"
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -195,12 +199,14 @@ def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_d
                      quiet: bool = False, encoder=None, reuse: Sequence[FeatureCache] = ()) -> FeatureCache:
     """Features of ``images`` from a complete cache, extracting what is missing first.
 
-    ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed. Rows found in a
-    ``reuse`` cache (complete, same encoder, preprocessing and flip; e.g. the shares of data-parallel ranks) are
-    copied from it instead of extracted.
+    ``encoder`` may be passed to reuse a loaded one; otherwise it is created only when needed. An encoder of
+    another precision than fp32 (``encoder.precision``, e.g. showtell.quantize's int8 build) has caches of its own.
+    Rows found in a ``reuse`` cache (complete, same encoder, precision, preprocessing and flip; e.g. the shares of
+    data-parallel ranks) are copied from it instead of extracted.
     """
     images = _resolve(images)
-    path, key, info, manifest = _locate(images, encoder_name, cache_dir, flip)
+    precision = getattr(encoder, "precision", "fp32")
+    path, key, info, manifest = _locate(images, encoder_name, cache_dir, flip, precision)
     if _intact(path, manifest):
         return _open(path, manifest)
     manifest_path = path / "manifest.json"
@@ -210,7 +216,7 @@ def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_d
     if manifest is None:
         path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": key, "encoder": encoder_name,
-                    "preprocess": info["preprocess"], "flip": flip, "dim": info["feature_dim"],
+                    "precision": precision, "preprocess": info["preprocess"], "flip": flip, "dim": info["feature_dim"],
                     "dtype": "float16", "views": n_views, "images": [str(p) for p in images],
                     "failed": {}, "complete": False}
         with atomic_path(path / "features.npy") as tmp:

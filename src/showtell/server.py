@@ -439,7 +439,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: Any = None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0,
-          max_megapixels: float = ServerOptions.max_megapixels, device: str = "auto") -> None:
+          max_megapixels: float = ServerOptions.max_megapixels, device: str = "auto",
+          precision: str | None = None) -> None:
     """Bind the port, load the model (on ``device``), then serve the API and page until interrupted.
 
     uvicorn gets the bound socket, so a port in use or out of range fails before anything is loaded or announced."""
@@ -449,7 +450,8 @@ def serve(model: Any = None, host: str = "127.0.0.1", port: int = 8000, max_uplo
 
     sock = bind(host, port)
     with sock:
-        captioner = load(model, device=device) if model is None or isinstance(model, (str, os.PathLike)) else model
+        named = model is None or isinstance(model, (str, os.PathLike))
+        captioner = load(model, device=device, precision=precision) if named else model
         app = create_app(captioner, max_upload_mb=max_upload_mb, max_megapixels=max_megapixels)
         url_host = f"[{host}]" if ":" in host else host
         print(f"showtell: serving model '{captioner.name}' on http://{url_host}:{sock.getsockname()[1]}/ "
