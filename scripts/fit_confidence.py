@@ -81,7 +81,8 @@ def beams_of(captioner, feats: torch.Tensor) -> list[list[tuple[str, float]]]:
 
 def decode_hyps(captioner):
     options = DecodingOptions(beam_size=BEAM, num_return=BEAM)
-    return lambda feats, changes: captioner.hypotheses(feats, replace(options, **changes))
+    return lambda feats, changes, wrap: captioner.hypotheses(feats, replace(options, **changes),
+                                                             wrap(captioner.decoder))
 
 
 def per_image_cider(refs: list[list[str]], captions: list[str]) -> np.ndarray:
@@ -158,7 +159,8 @@ def main() -> int:
     grounding = Grounding(ConfidenceModel(blank, blank, centroids, word_sets), None, tagger, vocab)
     own = beams_of(captioner, feats)
     with torch.inference_mode():
-        guided = grounding.guided_beams(decode_hyps(captioner), feats, top_class.tolist())
+        guided = grounding.guided_beams(decode_hyps(captioner), feats, top_class.tolist(),
+                                        DecodingOptions(beam_size=BEAM, num_return=BEAM))
     refs = [list(r.captions) for r in records]
     cider_own = per_image_cider(refs, [b[0][0] for b in own])
     cider_guided = per_image_cider(refs, [b[0][0] for b in guided])

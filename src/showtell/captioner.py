@@ -97,8 +97,8 @@ class Captioner(BatchCaptioning):
         rule = rule if ground else None
         return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
 
-    def hypotheses(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
-        return decode(self.decoder, feats.to(self.device), options, start_id=self.vocab.start_id,
+    def hypotheses(self, feats: torch.Tensor, options: DecodingOptions, model=None) -> list[list[Hypothesis]]:
+        return decode(model or self.decoder, feats.to(self.device), options, start_id=self.vocab.start_id,
                       end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
 
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
@@ -131,8 +131,9 @@ class Captioner(BatchCaptioning):
         every = replace(options, num_return=options.beam_size)  # the confidence compares the beams
         own = self.caption_features(feats, every)
         with torch.inference_mode():
-            judged = self.grounding(lambda f, changes: self.hypotheses(f, replace(every, **changes)), feats, own,
-                                    self.tagger(feats.to(self.device)))
+            judged = self.grounding(
+                lambda f, changes, wrap: self.hypotheses(f, replace(every, **changes), wrap(self.decoder)), feats,
+                own, self.tagger(feats.to(self.device)), every)
         return [Described(beams[:options.num_return], t, confidence, mine[0][0] if grounded else None)
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 

@@ -17,10 +17,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from showtell.confidence import ConfidenceModel
-from showtell.decoding import Hypothesis
+from showtell.decoding import DecodingOptions, Hypothesis, _score
 from showtell.errors import ShowtellError
 from showtell.vocab import Vocabulary, tokenize
 
@@ -74,7 +75,37 @@ def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
 
 
 Beams = list[tuple[str, float]]  # (caption, score), best first
-DecodeHyps = Callable[[Tensor, dict], list[list[Hypothesis]]]  # features, DecodingOptions changes -> hypotheses
+# features, DecodingOptions changes, a wrapper of the decoder -> hypotheses per image
+DecodeHyps = Callable[[Tensor, dict, Callable], list[list[Hypothesis]]]
+
+
+class Prefixed:
+    """A step model whose captions start with given words, one prefix per image (all of one length): ``init_state``
+    feeds <start> and all but the last prefix word and adds up the prefix's log-probability (``logprob``); the first
+    ``step`` feeds each image's last prefix word whatever token it is given. So images with different prefixes are
+    decoded in one batch, the same as a prefix forced word by word."""
+
+    def __init__(self, model, prefixes: list[tuple[int, ...]], start_id: int):
+        self.model, self.start_id = model, start_id
+        self.prefixes = torch.tensor(prefixes, dtype=torch.long)
+        self.logprob = torch.zeros(len(prefixes))
+        self.first = True
+
+    def init_state(self, features: Tensor):
+        prefixes = self.prefixes.to(features.device)
+        state = self.model.init_state(features)
+        inputs = torch.cat([torch.full_like(prefixes[:, :1], self.start_id), prefixes[:, :-1]], dim=1)
+        logprob = torch.zeros(len(prefixes), device=features.device)
+        for t in range(prefixes.shape[1]):
+            logits, state = self.model.step(inputs[:, t], state)
+            logprob += logits.float().log_softmax(-1).gather(1, prefixes[:, t:t + 1]).squeeze(1)
+        self.logprob, self.first = logprob.cpu(), True
+        return state
+
+    def step(self, tokens: Tensor, state):
+        if self.first:  # the decoders' first step has one row per image, in order
+            tokens, self.first = self.prefixes[:, -1].to(tokens.device), False
+        return self.model.step(tokens, state)
 
 
 class Grounding:
@@ -88,23 +119,34 @@ class Grounding:
     def agrees(self, caption: str, tag: int) -> bool:
         return bool(set(caption.split()).intersection(self.confidence.tag_words.get(tag, ())))
 
-    def guided_beams(self, decode_hyps: DecodeHyps, feats: Tensor, tags: list[int]) -> list[Beams]:
-        """Per image, the beams of a caption about its tag (see :func:`guided_prefix`)."""
+    def guided_beams(self, decode_hyps: DecodeHyps, feats: Tensor, tags: list[int],
+                     options: DecodingOptions) -> list[Beams]:
+        """Per image, the beams of a caption about its tag (see :func:`guided_prefix`), decoded with ``options``."""
         out: list[Beams] = [[] for _ in tags]
-        groups: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
-        for n, tag in enumerate(tags):
-            words = list(self.confidence.tag_words.get(tag, ()))
-            groups.setdefault(guided_prefix(self.vocab, self.tagger.label(tag), words), []).append(n)
-        for (prefix, unk_as), rows in groups.items():
+        groups: dict[tuple[int, bool], list[int]] = {}  # by prefix length and whether the tag's name is unknown
+        prefixes = [guided_prefix(self.vocab, self.tagger.label(tag), list(self.confidence.tag_words.get(tag, ())))
+                    for tag in tags]
+        for n, (prefix, unk_as) in enumerate(prefixes):
+            groups.setdefault((len(prefix), unk_as is not None), []).append(n)
+        for (length, unknown), rows in groups.items():
+            wrapped = Prefixed(None, [prefixes[n][0] for n in rows], self.vocab.start_id)
+
+            def wrap(model, wrapped=wrapped):
+                wrapped.model = model
+                return wrapped
             # after a tag's name the sentence goes on with a verb or a preposition, not with a noun ("an espresso
             # dog"): the words any tag agrees with stand for the nouns
-            changes = {"prefix": prefix, "not_after_prefix": self.nouns if unk_as is not None else ()}
-            for n, hyps in zip(rows, decode_hyps(feats[rows], changes)):
-                out[n] = [(text_of(self.vocab, h.tokens, unk_as), float(h.score)) for h in hyps]
+            changes = {"max_length": options.max_length - length, "not_after_prefix": self.nouns if unknown else ()}
+            for n, hyps, before in zip(rows, decode_hyps(feats[rows], changes, wrap), wrapped.logprob.tolist()):
+                prefix, unk_as = prefixes[n]
+                scored = [(not h.finished, -_score(before + h.logprob, length + len(h.tokens) + h.finished,
+                                                   options.length_penalty), h) for h in hyps]
+                out[n] = [(text_of(self.vocab, [*prefix, *h.tokens], unk_as), -neg)  # complete ones first, as decode()
+                          for _, neg, h in sorted(scored, key=lambda x: x[:2])]
         return out
 
-    def __call__(self, decode_hyps: DecodeHyps, feats: Tensor, beams: list[Beams],
-                 probs: Tensor) -> list[tuple[float | None, Beams, bool]]:
+    def __call__(self, decode_hyps: DecodeHyps, feats: Tensor, beams: list[Beams], probs: Tensor,
+                 options: DecodingOptions) -> list[tuple[float | None, Beams, bool]]:
         """Per image: the confidence, the beams to return and whether they are grounded on the top tag instead of
         the model's own (``beams``, decoded with every beam returned: the confidence compares them). An image
         without beams (a model whose outputs overflowed) keeps none and gets no confidence."""
@@ -120,7 +162,7 @@ class Grounding:
         doubted = [n for n in rows if self.rule is not None
                    and self.rule.applies(conf[n], top_p[n], self.agrees(beams[n][0][0], top_tag[n]))]
         if doubted:
-            guided = self.guided_beams(decode_hyps, feats[doubted], [top_tag[n] for n in doubted])
+            guided = self.guided_beams(decode_hyps, feats[doubted], [top_tag[n] for n in doubted], options)
             guided_conf = self.confidence(self.confidence.inputs(feats[doubted], guided, probs[doubted]),
                                           grounded=True).tolist()
             for n, b, c in zip(doubted, guided, guided_conf):
