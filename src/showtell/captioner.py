@@ -125,15 +125,19 @@ class Captioner(BatchCaptioning):
     def describe_features(self, feats: torch.Tensor, options: DecodingOptions, tags: int = 0) -> list[Described]:
         """What the captioner says of images given their encoder features: beams, ``tags`` tags, confidence and
         grounding (when the checkpoint has them); the same for photos and for features from the cache."""
-        image_tags = self.tag_features(feats, tags)
+        with torch.inference_mode():  # the tags' probabilities once, for the tags and for the grounding
+            probs = None if self.tagger is None or not (tags or self.grounding) else self.tagger(feats.to(self.device))
+        image_tags = self.tagger.top_of(probs, tags) if probs is not None and tags else [[] for _ in range(len(feats))]
         if self.grounding is None:
             return [Described(beams, t) for beams, t in zip(self.caption_features(feats, options), image_tags)]
         every = replace(options, num_return=options.beam_size)  # the confidence compares the beams
         own = self.caption_features(feats, every)
         with torch.inference_mode():
+            # grounded captions decode in fp32 even with the bf16 decoder: with it, their words changed with the other
+            # photos of the batch ("a cat in the air" with three others, "a cat in a white shirt" alone)
             judged = self.grounding(
-                lambda f, changes, wrap: self.hypotheses(f, replace(every, **changes), wrap(self.decoder)), feats,
-                own, self.tagger(feats.to(self.device)), every)
+                lambda f, changes, wrap: self.hypotheses(f, replace(every, **changes), wrap(self.model)), feats,
+                own, probs, every)
         return [Described(beams[:options.num_return], t, confidence, mine[0][0] if grounded else None)
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 

@@ -86,8 +86,12 @@ class Tagger(nn.Module):
     def top(self, features: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the ``k`` most probable classes as (label, probability), best first."""
         with torch.inference_mode():
-            probs, index = self(features).topk(min(k, len(self._lemmas)), dim=-1)
-        return [[(self.label(i), p) for i, p in zip(ix, ps)] for ix, ps in zip(index.tolist(), probs.tolist())]
+            return self.top_of(self(features), k)
+
+    def top_of(self, probs: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The same from probabilities [B, 1000] already computed."""
+        values, index = probs.topk(min(k, len(self._lemmas)), dim=-1)
+        return [[(self.label(i), p) for i, p in zip(ix, ps)] for ix, ps in zip(index.tolist(), values.tolist())]
 
 
 def create_tagger(encoder, fine_tuned: bool = False, rule: str = DEFAULT_RULE) -> Tagger:
