@@ -216,6 +216,50 @@ def test_a_path_that_starts_with_a_dash_gets_the_way_out(tmp_path, photo, tiny_c
 # ---------------------------------------------------------------------------------------------- 11: training
 
 
+def _commands(parser, prefix=()):
+    """(command words, its parser) for every command and subcommand, ``showtell`` itself first."""
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_flag_of_every_command_says_what_it_does(monkeypatch):
+    """`showtell X --help`: each option has words of its own, not only "(default ...)", and no line of the help starts
+    with a default; every training setting has a flag, typed as its TrainConfig field (a whole number flag refuses
+    2.5, a number flag takes 2.5)."""
+    import re
+    from dataclasses import fields
+
+    from showtell.cli import build_parser
+    from showtell.config import TrainConfig
+
+    commands = dict(_commands(build_parser()))
+    assert {" ".join(c) for c in commands} >= {"caption", "train", "evaluate", "features", "serve", "export",
+                                               "ensemble", "data stats"}
+    for words, parser in commands.items():
+        for action in parser._actions:
+            if action.dest in ("help", "version") or not action.option_strings:
+                continue
+            text = re.sub(r"\(default[^)]*\)", "", action.help or "").strip()
+            assert len(text) > 10, (" ".join(words), action.option_strings, action.help)
+        for columns in ("80", "100", "120"):
+            monkeypatch.setenv("COLUMNS", columns)
+            lines = parser.format_help().splitlines()
+            assert not [line for line in lines if line.strip().startswith("(default")], (words, columns)
+    train = {a.dest: a for a in commands[("train",)]._actions}
+    assert set(train) >= {f.name for f in fields(TrainConfig)}
+    assert train["epochs"].type("3") == 3 and train["lr"].type("2.5") == 2.5 and train["cache_dir"].type("x") == "x"
+    with pytest.raises(ValueError):
+        train["epochs"].type("2.5")
+    help_text = commands[("train",)].format_help()
+    assert "--limit LIMIT" in help_text and "--batch-norm, --no-batch-norm" in help_text
+
+
+
 def test_bad_training_settings_are_one_line_before_any_data_is_read(tmp_path):
     root = tmp_path / "no_data"  # nothing here: a settings error must come before the data's
     root.mkdir()

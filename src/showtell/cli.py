@@ -7,15 +7,15 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
 from showtell import __version__
-from showtell.config import MAX_BEAM_SIZE, MAX_LENGTH
+from showtell.config import DEFAULT_ENCODER, MAX_BEAM_SIZE, MAX_LENGTH
 from showtell.errors import ShowtellError
 
-FLICKR8K_ENV = "SHOWTELL_FLICKR8K"
 MAX_BATCH_SIZE = 256  # images a batch for caption / features
 
 
@@ -23,8 +23,19 @@ class _UsageError(Exception):
     """A command line argparse refused; main() prints it as one line."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with "(default X" kept on the line of the word before it: no help line starts with a default."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        glued = re.sub(r"\S+ \(default(?::? \S+|\S*)", lambda m: m[0].replace(" ", "\xa0"), text)
+        return [line.replace("\xa0", " ") for line in super()._split_lines(glued, width)]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, its errors one line (``showtell: error: ...``) in place of the usage block and message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": _HelpFormatter, **kwargs})
 
     def error(self, message: str):
         raise _UsageError(message, self.prog)
@@ -91,8 +102,9 @@ def _usage_line(message: str, prog: str, argv: list[str]) -> str:
 def _add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     from showtell.datasets import FORMATS
 
-    p.add_argument("--dataset", choices=FORMATS, required=required, help="caption file format")
-    p.add_argument("--root", required=required, help="dataset folder")
+    p.add_argument("--dataset", choices=FORMATS, required=required,
+                   help="caption file format" + ("" if required else " (default flickr8k)"))
+    p.add_argument("--root", required=required, help="dataset folder (see the README's Data sets)")
     p.add_argument("--captions", help="caption file (csv/coco/karpathy; found under --root when omitted)")
     p.add_argument("--images", help="image folder (when not the default place under --root)")
     p.add_argument("--split-name", dest="split_name",
@@ -397,23 +409,73 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-_TYPES = {"str": str, "int": int, "float": float}
+# What each training setting does, by TrainConfig field (the flag is the name with '-' for '_'); every field has a
+# line here (tests/test_cli_probe.py checks it). The data set fields come from _add_dataset_args.
+_TRAIN_HELP = {
+    "limit": "use only the first N images of each split, for smoke runs (default: all)",
+    "min_count": "words seen fewer times in the train captions become <unk>",
+    "max_words": "cut longer training captions to this many words",
+    "encoder": "frozen image encoder (a showtell.encoders name, e.g. efficientnet_lite2 or efficientnet_lite0+2)",
+    "embed_dim": "size of the word embeddings and of the projected image feature",
+    "hidden_dim": "size of the LSTM state",
+    "num_layers": "stacked LSTM layers",
+    "dropout": "dropout on the word embeddings and the LSTM output, 0 to <1",
+    "image_dropout": "dropout on the projected image feature, 0 to <1 (default: the same as --dropout)",
+    "batch_norm": "BatchNorm after the image projection (the shipped recipe turns it on)",
+    "init": "start from this checkpoint (a model or ensemble) instead of random weights; its vocabulary and model "
+            "sizes replace the settings'",
+    "epochs": "most cross-entropy epochs (training stops earlier by --patience); 0 with --init: only the "
+              "self-critical stage",
+    "batch_size": "captions per batch (per process under torchrun)",
+    "lr": "Adam learning rate of the cross-entropy stage",
+    "lr_decay": "multiply the learning rate by this after every epoch",
+    "weight_decay": "Adam weight decay",
+    "grad_clip": "clip the gradient norm to this",
+    "label_smoothing": "label smoothing of the cross-entropy loss, 0 to <1",
+    "flip": "also train on the features of horizontally flipped images",
+    "patience": "stop after this many epochs without a better dev CIDEr",
+    "seed": "random seed (weights, batch order, dropout)",
+    "scst_epochs": "self-critical epochs after cross-entropy (0: none)",
+    "scst_lr": "learning rate of the self-critical stage",
+    "scst_samples": "captions sampled per image in the self-critical stage",
+    "scst_batch_size": "images per batch in the self-critical stage",
+    "scst_max_length": "most words in a sampled caption",
+    "scst_baseline": "the reward subtracted from a sample's: mean (of the image's other samples) or greedy (its "
+                     "greedy caption's)",
+    "scst_bleu": "reward = CIDEr-D + this times the sample's sentence BLEU-4",
+    "eval_beam_size": "beam width of the dev scoring after each epoch",
+    "eval_max_length": "most words in a dev caption",
+    "end_to_end": "feed the images through the encoder every batch (random crop and flip) instead of cached "
+                  "features; for GPUs",
+    "fine_tune": "with --end-to-end, also train the encoder's last stage",
+    "cache_dir": "feature cache folder (default: $SHOWTELL_CACHE, else ~/.cache/showtell/features)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "amp": "mixed precision: fp16 on CUDA, bf16 on CPUs that compute it natively",
+    "num_workers": "image loader processes for feature extraction (0: in this process)",
+}
+_DATASET_FIELDS = ("dataset", "root", "captions", "images", "split_name")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--batch-size``, ``--flip/--no-flip``, ...), default None = not given."""
+    """One flag per TrainConfig field (``--batch-size``, ``--flip/--no-flip``, ...), default None = not given; its
+    argparse type is the field's type (``int | None`` -> int), TrainConfig checks the ranges."""
+    import typing
     from dataclasses import fields
 
     from showtell.config import TrainConfig
 
+    types = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
+        if f.name in _DATASET_FIELDS:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("dataset", "root", "captions", "images", "split_name"):
-            continue  # from _add_dataset_args
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        shown = str(f.default).lower() if kind is bool else f.default
+        help_ = _TRAIN_HELP[f.name] + ("" if f.default is None else f" (default {shown})")  # None: the text says
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            p.add_argument(flag, type=_TYPES[f.type.split(" |")[0]], default=None, help=f"(default {f.default})")
+            p.add_argument(flag, type=kind, default=None, help=help_)
 
 
 def _train_config(args: argparse.Namespace):
@@ -522,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     stats = data_sub.add_parser("stats", help="images and captions per split, vocabulary, caption lengths")
     _add_dataset_args(stats)
-    stats.add_argument("--min-count", type=int, default=5, help="vocabulary count threshold (default 5)")
+    stats.add_argument("--min-count", type=_count(1), default=5,
+                       help="words seen fewer times in the train captions are left out of the vocabulary (default 5)")
     stats.add_argument("--json", action="store_true", help="also print the numbers as one JSON line at the end")
     stats.set_defaults(func=cmd_data_stats)
 
@@ -568,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP API and web page for captioning photos")
     srv.add_argument("--model", help="checkpoint file (default: the built-in model)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted, MiB (default 10)")
     srv.add_argument("--max-megapixels", type=float, default=40.0,
                      help="largest image accepted, million pixels (default 40); bounds decoding memory")
@@ -576,7 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
-    train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out")
+    train = sub.add_parser("train", help="train a captioner; writes best/last checkpoints and logs to --out",
+                           description="Train a captioner. Settings come from the flags below, or a TOML file of "
+                                       "them (--config; flags win). Without any, a quick recipe; the recipe of the "
+                                       "shipped model's members is --config configs/flickr8k.toml.")
     _add_dataset_args(train, required=False)
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.csv, plot)")
     train.add_argument("--config", help="TOML file of training settings (flags override it)")
@@ -588,46 +654,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr)")
     ev.add_argument("--model", help="checkpoint file (default: the built-in model)")
     _add_dataset_args(ev)
-    ev.add_argument("--split", default="test", help="split to score (default test)")
-    ev.add_argument("--beam-size", type=_count(1, MAX_BEAM_SIZE), default=3, help=f"1-{MAX_BEAM_SIZE} (default 3)")
-    ev.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20, help=f"1-{MAX_LENGTH} (default 20)")
-    ev.add_argument("--length-penalty", type=_finite, default=None, help="GNMT alpha (default: mean log-prob)")
-    ev.add_argument("--limit", type=_count(1), help="first N images of the split")
-    ev.add_argument("--cache-dir", help="feature cache folder")
-    ev.add_argument("--results", help="write COCO-format results JSON here")
+    ev.add_argument("--split", default="test", help="split to score: train, dev or test (default test)")
+    ev.add_argument("--beam-size", type=_count(1, MAX_BEAM_SIZE), default=3,
+                    help=f"beam width, 1-{MAX_BEAM_SIZE}; 1 = greedy (default 3)")
+    ev.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20,
+                    help=f"most words in a caption, 1-{MAX_LENGTH} (default 20)")
+    ev.add_argument("--length-penalty", type=_finite, default=None,
+                    help="rank beams by GNMT length penalty with this alpha (default: by mean log-probability)")
+    ev.add_argument("--limit", type=_count(1), help="score only the first N images of the split (default: all)")
+    ev.add_argument("--cache-dir", help="feature cache folder (default: $SHOWTELL_CACHE, else "
+                    "~/.cache/showtell/features)")
+    ev.add_argument("--results", help="also write the captions as COCO-format results JSON to this file")
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line at the end")
     ev.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
                     help="score the captions as `showtell caption` gives them, grounded on sure tags where the "
                          "checkpoint's rule says so (default); --no-grounding: the model's own captions")
     _add_device_arg(ev)
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_precision_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     feat = sub.add_parser("features", help="extract and cache encoder features")
     _add_dataset_args(feat)
-    feat.add_argument("--encoder", default=None, help="encoder name (default efficientnet_lite2)")
-    feat.add_argument("--splits", default="train,dev,test", help="comma-separated splits")
-    feat.add_argument("--flip", action="store_true", help="also the horizontally flipped images")
-    feat.add_argument("--limit", type=_count(1), help="first N images of each split")
+    feat.add_argument("--encoder", default=DEFAULT_ENCODER,
+                      help=f"frozen image encoder, as training's --encoder (default {DEFAULT_ENCODER})")
+    feat.add_argument("--splits", default="train,dev,test", help="comma-separated splits (default train,dev,test)")
+    feat.add_argument("--flip", action="store_true",
+                      help="also the horizontally flipped images (training extracts them for the train split unless "
+                           "--no-flip)")
+    feat.add_argument("--limit", type=_count(1), help="extract only the first N images of each split (default: all)")
     feat.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=32,
                       help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 32)")
-    feat.add_argument("--cache-dir")
-    feat.add_argument("--quiet", action="store_true")
+    feat.add_argument("--cache-dir", help="feature cache folder (default: $SHOWTELL_CACHE, else "
+                      "~/.cache/showtell/features)")
+    feat.add_argument("--quiet", action="store_true", help="no progress bars")
     feat.set_defaults(func=cmd_features)
 
     exp = sub.add_parser("export", help="export a checkpoint for deployment (ONNX + a JSON config)")
     exp.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
     exp.add_argument("--model", help="checkpoint file (default: the built-in model)")
     exp.add_argument("--out", required=True, help="output folder")
-    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    exp.add_argument("--quiet", action="store_true")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX operator set version to export with (default 17)")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.set_defaults(func=cmd_export)
 
     ens = sub.add_parser("ensemble", help="fold checkpoints trained apart into one ensemble checkpoint")
     ens.add_argument("models", nargs="+", help="checkpoint files (same data, vocabulary and encoder)")
     ens.add_argument("--out", required=True, help="ensemble checkpoint to write")
-    ens.add_argument("--name", help="model name (default: the file name)")
+    ens.add_argument("--name", help="model name stored in the checkpoint (default: the file name)")
     ens.add_argument("--weights", choices=("fp32", "fp16", "int8"), default="fp32",
                      help="store the weights as fp32 (default), fp16 (half the size) or int8 (a quarter)")
     ens.set_defaults(func=cmd_ensemble)
@@ -635,9 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: threads that wait sleep instead of spinning. With another busy process on a
-    # 2-core CPU, spinning made training 9-21x slower (benchmarks/threads.py); on an idle machine sleeping costs
-    # about a fifth. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+    # Before torch loads OpenMP: threads that wait sleep instead of spinning, which on a busy CPU made training
+    # several times slower (the README's Speed section; benchmarks/threads.py measures it). OMP_WAIT_POLICY=ACTIVE
+    # in the environment restores spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Pillow warns about damaged files it can still read ("Truncated File Read"), without naming the file: a
     # multi-line warning per photo in the middle of the results. A file it cannot read is that photo's error line.
@@ -652,9 +726,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if getattr(args, "encoder", "") is None and args.command == "features":
-        from showtell.encoders import DEFAULT_ENCODER
-        args.encoder = DEFAULT_ENCODER
     try:
         return args.func(args)
     except ShowtellError as e:

@@ -93,7 +93,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ShowtellError("ONNX export needs onnx and onnxruntime: pip install 'showtell[onnx]'") from None
+        raise ShowtellError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime") from None
     from showtell.captioner import load
 
     out = Path(out)

@@ -170,7 +170,7 @@ class OnnxCaptioner(BatchCaptioning):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ShowtellError("the ONNX runtime needs onnxruntime: pip install 'showtell[onnx]'") from None
+            raise ShowtellError("the ONNX runtime needs onnxruntime: pip install onnxruntime") from None
         folder = Path(folder)
         if folder.is_file() and folder.name == CONFIG_NAME:
             folder = folder.parent
