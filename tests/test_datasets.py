@@ -229,3 +229,40 @@ def test_csv_spaces_after_the_delimiter_with_quoted_fields(tmp_path):
     (tmp_path / "c.csv").write_text('image, caption, split\na.jpg, "a dog, running", train\n')
     corpus = read_csv(tmp_path / "c.csv", tmp_path / "Images")
     assert [(r.captions, r.split) for r in corpus.records] == [(("a dog, running",), "train")]
+
+
+def test_missing_images_are_said_once_per_data_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_images(tmp_path / "one" / "Images", ["a.jpg"])
+    make_images(tmp_path / "two" / "Images", ["a.jpg"])
+    for root in ("one", "two"):
+        (tmp_path / root / "captions.txt").write_text("image,caption,split\na.jpg,A dog,train\ngone.jpg,A cow,dev\n")
+    said = "skipped 1 caption(s) of 1 missing image(s): gone.jpg"
+    assert [load_corpus("csv", tmp_path / "one").first_skipped_message() for _ in range(3)] == [said, None, None]
+    assert load_corpus("csv", tmp_path / "two").first_skipped_message() == said  # another data set: said again
+    with open(tmp_path / "one" / "captions.txt", "a") as f:
+        f.write("lost.jpg,A hen,dev\n")  # what it skips changed: said again
+    both = "skipped 2 caption(s) of 2 missing image(s): gone.jpg, lost.jpg"
+    assert load_corpus("csv", tmp_path / "one").first_skipped_message() == both
+    (tmp_path / "ro").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))  # a file: no marker can be written there
+    assert [load_corpus("csv", tmp_path / "one").first_skipped_message() for _ in range(2)] == [both, both]
+
+
+@pytest.mark.slow
+def test_features_warns_about_missing_images_on_the_first_run_only(tmp_path, monkeypatch, capsys):
+    from showtell.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_images(tmp_path / "Images", ["a.jpg"])
+    (tmp_path / "captions.txt").write_text("image,caption,split\na.jpg,A dog,dev\ngone.jpg,A cow,dev\n")
+    argv = ["features", "--dataset", "csv", "--root", str(tmp_path), "--splits", "dev", "--encoder",
+            "efficientnet_lite0", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    errs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        errs.append(capsys.readouterr().err)
+    assert main(["data", "stats", "--dataset", "csv", "--root", str(tmp_path)]) == 0  # the command to look: always
+    errs.append(capsys.readouterr().err)
+    said = "showtell: warning: skipped 1 caption(s) of 1 missing image(s): gone.jpg\n"
+    assert errs == [said, "", said]

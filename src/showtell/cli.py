@@ -111,11 +111,13 @@ def _add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None
                    help="split for all rows of a COCO file or a CSV without a split column")
 
 
-def _load_corpus(args: argparse.Namespace):
+def _load_corpus(args: argparse.Namespace, always_warn: bool = False):
+    """The data set; the captions it skips (images missing) are said the first time it is read on this machine, or
+    every time with ``always_warn``."""
     from showtell.datasets import load_corpus
 
     corpus = load_corpus(args.dataset, args.root, args.captions, args.images, args.split_name)
-    msg = corpus.skipped_message()
+    msg = corpus.skipped_message() if always_warn else corpus.first_skipped_message()
     if msg:
         print(f"showtell: warning: {msg}", file=sys.stderr)
     return corpus
@@ -124,7 +126,7 @@ def _load_corpus(args: argparse.Namespace):
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from showtell.stats import corpus_stats, format_stats
 
-    stats = corpus_stats(_load_corpus(args), min_count=args.min_count)
+    stats = corpus_stats(_load_corpus(args, always_warn=True), min_count=args.min_count)
     print(format_stats(stats))
     if args.json:
         print(json.dumps(stats))

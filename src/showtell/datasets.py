@@ -49,6 +49,24 @@ class Corpus:
         return (f"skipped {self.skipped_captions} caption(s) of {len(self.missing_images)} missing "
                 f"image(s): {names}")
 
+    def first_skipped_message(self) -> str | None:
+        """``skipped_message()`` the first time this data set (its caption file and what it skips) is read on this
+        machine, None after that: a marker under ``$XDG_CACHE_HOME/showtell/notices`` (``~/.cache/...``) records
+        that it was said. Where the marker cannot be written, every time."""
+        msg = self.skipped_message()
+        if not msg:
+            return None
+        key = hashlib.sha256(f"{os.path.abspath(self.source)}\0{msg}".encode()).hexdigest()[:32]
+        marker = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "showtell" / "notices" / key
+        if marker.exists():
+            return None
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{self.source}: {msg}\n", encoding="utf-8")
+        except OSError:
+            pass
+        return msg
+
 
 def _read_text(path: Path) -> str:
     try:

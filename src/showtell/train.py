@@ -147,8 +147,9 @@ class Trainer:
     def prepare(self) -> None:
         c = self.config
         corpus = load_corpus(c.dataset, c.root, c.captions, c.images, c.split_name)
-        if corpus.skipped_message():
-            self.say(f"showtell: warning: {corpus.skipped_message()}")
+        skipped = self.main and not self.quiet and corpus.first_skipped_message()  # said once per data set
+        if skipped:
+            self.say(f"showtell: warning: {skipped}")
         self.records = _split_records(corpus, c.limit)
         self.info = encoder_info(c.encoder)
         caches = {}
