@@ -8,7 +8,7 @@ the built-in one (``--model`` for another): image loading, preprocessing, the ch
 CPU runs it, see showtell.quantize; ``--precision`` picks) and batched beam search (with int8, the decoder in bf16
 where the CPU computes bf16 natively). The default batch size is the
 captioner's own. ``--batch-sizes`` also times each of several batch sizes (captioning and encoder only).
-The encoder runs in chunks of ``showtell.features.ENCODER_BATCH`` images; ``unchunked`` times the same call with
+The encoder runs in chunks of ``captioner.encoder_batch`` images; ``unchunked`` times the same call with
 the whole batch in one forward pass, ``chunking_speedup`` is their ratio (not in ``--quick``).
 
 encoder only: the same call with the decoder replaced by a stub (loading, preprocessing and the encoder), so
@@ -73,10 +73,8 @@ def main() -> None:
     import inspect
 
     import showtell
-    from showtell import features
     from showtell.captioner import Captioner, resolve_model
 
-    chunk = features.ENCODER_BATCH
     paths = [str(r.image) for r in corpus().split("test")[:n]]
     default_bs = inspect.signature(Captioner.iter_caption).parameters["batch_size"].default
     batch_size = args.batch_size or default_bs
@@ -105,11 +103,11 @@ def main() -> None:
         for name, fn in timers.items():
             best[name] = min(best[name], timed(fn))
         if "unchunked" in best:
-            features.ENCODER_BATCH = 1 << 30  # the whole batch through the encoder at once
+            chunk, captioner.encoder_batch = captioner.encoder_batch, 1 << 30  # the whole batch in one pass
             try:
                 best["unchunked"] = min(best["unchunked"], timed(timers["showtell"]))
             finally:
-                features.ENCODER_BATCH = chunk
+                captioner.encoder_batch = chunk
         for b in sweep:
             best_sweep[b][0] = min(best_sweep[b][0], timed(lambda b=b: captioner.caption(paths, batch_size=b,
                                                                                             **kwargs)))
@@ -133,7 +131,7 @@ def main() -> None:
               "showtell_images_per_s": round(speed["showtell"], 2),
               "reference_images_per_s": round(speed["reference"], 2),
               "encoder_only_images_per_s": round(speed["encoder"], 2),
-              "decoder_share": round(best["showtell"] / best["encoder"], 3), "encoder_batch": chunk,
+              "decoder_share": round(best["showtell"] / best["encoder"], 3), "encoder_batch": captioner.encoder_batch,
               "images": n, "rounds": rounds, "mean_words": round(sum(words) / max(len(words), 1), 1),
               "reference_mean_steps": round(sum(steps) / len(steps), 1), **settings,
               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "peak_rss_mb": round(peak_rss_mb(), 1)}

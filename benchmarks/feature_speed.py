@@ -7,7 +7,7 @@ DataLoader, preprocessing, the frozen encoder, with the flipped view as in train
 Flickr8k test images, under these settings, alternating, best of ``--rounds``:
 
 - before: batch 32, 1 loader worker, the whole batch (64 views) in one encoder pass (the code before chunking);
-- after: the same with the encoder in chunks of ``ENCODER_BATCH`` (the code now);
+- after: the same with the encoder in chunks of ``showtell.encoders.ENCODER_BATCH`` (the code now);
 - batch 8 / 32 / 64 with chunking, and 0 or 1 loader workers.
 
 Also reports the user and system CPU seconds of each (this process and its loader workers): large batches spend
@@ -42,9 +42,9 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 2)
 
     from showtell import features
-    from showtell.encoders import create_encoder
+    from showtell.encoders import ENCODER_BATCH, create_encoder
 
-    chunk = features.ENCODER_BATCH
+    chunk = ENCODER_BATCH
     paths = [r.image for r in corpus().split("test")[: args.n]]
     encoder = create_encoder(args.encoder)
     # name: (batch size, loader workers, encoder chunk)
@@ -55,15 +55,11 @@ def main() -> None:
     best: dict[str, tuple[float, float, float]] = {}
     for _ in range(rounds):
         for name, (batch, workers, encoder_batch) in settings.items():
-            features.ENCODER_BATCH = encoder_batch
-            try:
-                (u0, s0), t0 = cpu_seconds(), time.perf_counter()
-                for _ in features.iter_features(encoder, paths, list(range(len(paths))), flip=True,
-                                                batch_size=batch, num_workers=workers):
-                    pass
-                seconds, (u1, s1) = time.perf_counter() - t0, cpu_seconds()
-            finally:
-                features.ENCODER_BATCH = chunk
+            (u0, s0), t0 = cpu_seconds(), time.perf_counter()
+            for _ in features.iter_features(encoder, paths, list(range(len(paths))), flip=True, batch_size=batch,
+                                            num_workers=workers, encoder_batch=encoder_batch):
+                pass
+            seconds, (u1, s1) = time.perf_counter() - t0, cpu_seconds()
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, u1 - u0, s1 - s0)
     record = {"benchmark": "feature_speed", "ratio": round(best["before"][0] / best["after"][0], 2),

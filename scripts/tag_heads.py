@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from showtell.captioner import load
-    from showtell.encoders import create_encoder
+    from showtell.encoders import create_encoder, encode
     from showtell.errors import ImageError, ShowtellError
-    from showtell.features import encode
     from showtell.images import load_image
     from showtell.tags import Tagger, create_tagger
 

@@ -25,6 +25,20 @@ def test_api_takes_paths_pil_and_bytes(tiny_checkpoint, photos):
     assert single.caption == by_path.caption and len(single.alternatives) == 2
 
 
+def test_captioning_a_photo_loads_no_training_or_feature_cache_code(tiny_checkpoint, photos):
+    """Layering: the captioner needs the encoders, not the feature cache, the data set readers or the trainer."""
+    code = ("import sys, showtell; r = showtell.load(sys.argv[1], device='cpu').caption([sys.argv[2]])[0]; "
+            "print(r.caption); print(' '.join(sorted(m for m in sys.modules if m.startswith('showtell.'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint), str(photos / "chelsea.jpg")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    caption, modules = out.stdout.splitlines()
+    assert caption and "showtell.captioner" in modules.split() and "showtell.encoders" in modules.split()
+    loaded = set(modules.split()) & {"showtell.features", "showtell.datasets", "showtell.train", "showtell.scst",
+                                     "showtell.evaluate", "showtell.metrics", "showtell.data"}
+    assert not loaded, loaded
+
+
 def test_api_bad_image_does_not_stop_the_others(tiny_checkpoint, photos, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"<html>")

@@ -38,7 +38,7 @@ class Captioner(BatchCaptioning):
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", encoder=None, ground: bool = True,
                  precision: str | None = None):
-        from showtell.encoders import Preprocess, create_encoder
+        from showtell.encoders import ENCODER_BATCH, Preprocess, create_encoder
         from showtell.quantize import decoder_for, feature_encoder
         from showtell.tags import NoTags, create_tagger
 
@@ -47,6 +47,7 @@ class Captioner(BatchCaptioning):
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.encoder = encoder or create_encoder(checkpoint.encoder)
+        self.encoder_batch = ENCODER_BATCH  # images a pass through the encoder on the CPU
         tuned = checkpoint.tensors("encoder/")
         if tuned:  # the encoder's last stage was fine-tuned with the model
             try:
@@ -79,10 +80,10 @@ class Captioner(BatchCaptioning):
         return prepare(src, self.transform)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        from showtell.features import encode
+        from showtell.encoders import encode
 
         with torch.inference_mode():
-            return encode(self.feature_encoder, images.to(self.device))
+            return encode(self.feature_encoder, images.to(self.device), self.encoder_batch)
 
     def _grounding(self, checkpoint: Checkpoint, ground: bool) -> Grounding | None:
         """The checkpoint's confidence model and grounding rule (scripts/fit_confidence.py), when it has them and

@@ -339,3 +339,15 @@ def encoder_info(name: str) -> dict:
         "preprocess": spec.preprocess.to_dict(),
         "offline": name in OFFLINE_ENCODERS,
     }
+
+
+# Images per encoder forward pass on the CPU: on 2 cores efficientnet_lite2 ran fastest at 4 (1.5-2x the images/s
+# of 16-32, whose large activations also cost page-fault system time); see benchmarks/caption_speed.py.
+ENCODER_BATCH = 4
+
+
+def encode(encoder, images: torch.Tensor, chunk: int = ENCODER_BATCH) -> torch.Tensor:
+    """``encoder`` over images [N, 3, H, W] -> features [N, D], ``chunk`` images a pass on the CPU."""
+    if images.device.type != "cpu" or len(images) <= chunk:
+        return encoder(images)
+    return torch.cat([encoder(part) for part in images.split(chunk)])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from showtell.encoders import ENCODER_BATCH, encode
 from showtell.errors import ShowtellError
 from showtell.fileio import atomic_path, atomic_write_text, sha256_file
 from showtell.images import prepare
@@ -29,9 +30,6 @@ from showtell.images import prepare
 FORMAT = "showtell-features"
 FORMAT_VERSION = 1
 CACHE_ENV = "SHOWTELL_CACHE"
-# Images per encoder forward pass on the CPU: on 2 cores efficientnet_lite2 ran fastest at 4 (1.5-2x the images/s
-# of 16-32, whose large activations also cost page-fault system time); see benchmarks/caption_speed.py.
-ENCODER_BATCH = 4
 
 
 def default_cache_dir() -> Path:
@@ -98,17 +96,12 @@ def _collate(items):
     return rows, x, bad
 
 
-def encode(encoder, images: torch.Tensor) -> torch.Tensor:
-    """``encoder`` over images [N, 3, H, W] -> features [N, D], in chunks of ``ENCODER_BATCH`` on the CPU."""
-    if images.device.type != "cpu" or len(images) <= ENCODER_BATCH:
-        return encoder(images)
-    return torch.cat([encoder(chunk) for chunk in images.split(ENCODER_BATCH)])
-
-
 def iter_features(encoder, images: list[Path], rows: list[int], flip: bool = False, batch_size: int = 32,
-                  num_workers: int = 1, device: str = "cpu") -> Iterator[tuple[list[int], torch.Tensor, dict]]:
+                  num_workers: int = 1, device: str = "cpu",
+                  encoder_batch: int = ENCODER_BATCH) -> Iterator[tuple[list[int], torch.Tensor, dict]]:
     """Run ``encoder`` over ``images[rows]`` in batches: yields (rows done, features [b, views, D] on the
-    CPU, {row: error} for images that could not be read)."""
+    CPU, {row: error} for images that could not be read). On the CPU the encoder takes ``encoder_batch`` images
+    (views) a pass."""
     encoder = encoder.to(device).eval()
     data = _ImageFiles(images, rows, encoder.preprocess.transform(train=False), flip)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
@@ -117,7 +110,7 @@ def iter_features(encoder, images: list[Path], rows: list[int], flip: bool = Fal
             feats = torch.empty(0)
             if x is not None:
                 b, v = x.shape[:2]
-                feats = encode(encoder, x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1)
+                feats = encode(encoder, x.flatten(0, 1).to(device), encoder_batch).float().cpu().view(b, v, -1)
             yield done, feats, bad
 
 
