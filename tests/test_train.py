@@ -163,3 +163,22 @@ def test_self_critical_stage_of_a_folded_ensemble(run, flickr8k, feature_cache, 
         refused = showtell(*args, "--init", bad, "--out", tmp_path / "xe", "--epochs", 1, check=False)
         assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "xe").exists()
+
+
+def test_end_to_end_unreadable_photo_is_one_line(tmp_path, photos):
+    """Photos are decoded in loader workers end to end; a bad one still stops the run with one line, no traceback."""
+    import shutil
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for name in ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]:
+        shutil.copyfile(photos / name, tmp_path / "img" / name)
+        split = "dev" if name == "rocket.jpg" else "train"
+        rows += [f"{name},a photo of a thing number {j},{split}" for j in range(3)]
+    (tmp_path / "img" / "coffee.jpg").write_bytes((photos / "coffee.jpg").read_bytes()[:300])  # truncated JPEG
+    (tmp_path / "captions.txt").write_text("image,caption,split\n" + "\n".join(rows) + "\n")
+    r = showtell("train", "--dataset", "csv", "--root", tmp_path, "--images", tmp_path / "img", "--out",
+                 tmp_path / "run", "--end-to-end", "--encoder", "efficientnet_lite0", "--epochs", 1, "--min-count", 1,
+                 "--batch-size", 4, "--hidden-dim", 32, "--num-workers", 2, "--quiet", check=False)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("showtell: error: ") and "coffee.jpg" in r.stderr, r.stderr

@@ -25,10 +25,11 @@ from showtell.datasets import CaptionRecord, load_corpus
 from showtell.decoding import DecodingOptions
 from showtell.devices import init_distributed, resolve_device
 from showtell.encoders import encoder_info
-from showtell.errors import ShowtellError
+from showtell.errors import ImageError, ShowtellError
 from showtell.evaluate import generate, score_records
 from showtell.features import FeatureCache, extract_features, find_features, iter_features
 from showtell.fileio import atomic_write_text, sha256_file
+from showtell.images import load_image
 from showtell.model import CaptionModel, Ensemble, ModelConfig
 from showtell.vocab import Vocabulary
 
@@ -118,6 +119,27 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
         _, i, k = key.split("/")
         state.setdefault(int(i), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _TrainPhotos(torch.utils.data.Dataset):
+    """The augmented photo of each training caption, by caption index (end-to-end training)."""
+
+    def __init__(self, photos: list[Path], transform):
+        self.photos, self.transform = photos, transform
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return i, self.transform(load_image(self.photos[i]))
+        except ImageError as e:  # raised in the main process, as one line (a worker's exception carries its traceback)
+            return i, str(e)
+
+
+def _stack_photos(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | ImageError]:
+    errors = [x for _, x in items if isinstance(x, str)]
+    return [i for i, _ in items], ImageError(errors[0]) if errors else torch.stack([x for _, x in items])
 
 
 class _Loss(torch.nn.Module):
@@ -279,20 +301,36 @@ class Trainer:
         return ckpt.vocab, ckpt.model, record
 
     # ---- one epoch -----------------------------------------------------------------------------
-    def _batch_features(self, idx: list[int], rng: np.random.Generator) -> torch.Tensor:
-        recs = [self.items[i][0] for i in idx]
+    def _batches(self):
+        """(caption indices, their photos or None) per step. End to end, loader workers decode and augment the photos
+        in parallel with the step (in the main process, decoding bounded a GPU)."""
         if self.encoder is None:
+            return ((idx, None) for idx in self.sampler)
+        photos = [self.records["train"][rec].image for rec, _ in self.items]
+        data = _TrainPhotos(photos, self.encoder.preprocess.transform(train=True))
+        return torch.utils.data.DataLoader(data, batch_sampler=self.sampler, num_workers=self.config.num_workers,
+                                           collate_fn=_stack_photos, pin_memory=self.device.type == "cuda")
+
+    def _batch_features(self, idx: list[int], rng: np.random.Generator,
+                        photos: torch.Tensor | ImageError | None) -> torch.Tensor:
+        if isinstance(photos, ImageError):
+            raise photos
+        if photos is None:
+            recs = [self.items[i][0] for i in idx]
             feats = self.train_features[recs]  # [B, views, D]
             views = rng.integers(0, feats.shape[1], size=len(idx)) if self.config.flip else np.zeros(len(idx), int)
             return feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
-        from showtell.images import load_image
-        transform = self.encoder.preprocess.transform(train=True)
-        x = torch.stack([transform(load_image(self.records["train"][r].image)) for r in recs]).to(self.device)
+        # Length buckets make batches of every size; each new input shape costs the GPU's convolution library a new
+        # plan, which made the first end-to-end epoch ~4x the second. So the encoder sees at most four batch sizes:
+        # the batch is filled up to the next quarter of --batch-size with repeats of its photos, and cut after.
+        n, step = len(photos), -(-self.config.batch_size // 4)
+        x = photos[torch.arange(max(n, min(self.config.batch_size, -(-n // step) * step))) % n]
+        x = x.to(self.device, non_blocking=True)
         if self.config.fine_tune:
             self.encoder.train()
-            return self.encoder(x)
+            return self.encoder(x)[:n]
         with torch.no_grad():
-            return self.encoder(x)
+            return self.encoder(x)[:n]
 
     def train_epoch(self, epoch: int) -> float:
         c = self.config
@@ -303,11 +341,11 @@ class Trainer:
         use_amp, amp_dtype = _amp(c.amp, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
         total_loss, total_tokens, seen, t0 = 0.0, 0, 0, time.time()
-        bar = tqdm(self.sampler, desc=f"epoch {epoch}", unit="batch", disable=self.quiet or not self.main,
-                   leave=False)
-        for idx in bar:
+        bar = tqdm(self._batches(), desc=f"epoch {epoch}", unit="batch", disable=self.quiet or not self.main,
+                   leave=False, total=len(self.sampler))
+        for idx, photos in bar:
             caps = pad_captions([self.items[i][1] for i in idx]).to(self.device)
-            feats = self._batch_features(idx, rng)
+            feats = self._batch_features(idx, rng, photos)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = self.loss_fn(feats, caps)
             self.optimizer.zero_grad(set_to_none=True)
