@@ -166,8 +166,3 @@ class Reference:
         image = transform_test(Image.open(path).convert("RGB")).unsqueeze(0)
         features = self.encoder(image).unsqueeze(1)
         return self.decoder.sample(features, max_len=max_len, end_id=self.end_id)
-
-    def encode_only(self, path: str | Path) -> torch.Tensor:
-        self.encoder.eval()
-        image = transform_test(Image.open(path).convert("RGB")).unsqueeze(0)
-        return self.encoder(image)

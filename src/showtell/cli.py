@@ -461,17 +461,15 @@ _DATASET_FIELDS = ("dataset", "root", "captions", "images", "split_name")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (``--batch-size``, ``--flip/--no-flip``, ...), default None = not given; its
     argparse type is the field's type (``int | None`` -> int), TrainConfig checks the ranges."""
-    import typing
     from dataclasses import fields
 
-    from showtell.config import TrainConfig
+    from showtell.config import TrainConfig, field_types
 
-    types = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name in _DATASET_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        kind = field_types()[f.name][0]
         shown = str(f.default).lower() if kind is bool else f.default
         help_ = _TRAIN_HELP[f.name] + ("" if f.default is None else f" (default {shown})")  # None: the text says
         if kind is bool:

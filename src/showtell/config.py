@@ -5,10 +5,12 @@ Kept free of torch imports, so the CLI can list the flags without loading torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import reprlib
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -131,7 +133,7 @@ class TrainConfig:
         return data
 
 
-# Range checks, by setting (type checks come from the field annotations). The decoding bounds (showtell.limits, which
+# Range checks, by setting (type checks come from field_types()). The decoding bounds (showtell.limits, which
 # DecodingOptions also enforces) also bound the CLI's --beam-size and --max-length, before torch loads.
 _AT_LEAST = {"limit": 1, "min_count": 1, "max_words": 1, "embed_dim": 1, "hidden_dim": 1, "num_layers": 1,
              "epochs": 0, "batch_size": 1, "patience": 1, "seed": 0, "scst_epochs": 0, "scst_samples": 1,
@@ -141,8 +143,18 @@ _POSITIVE = ("lr", "scst_lr", "lr_decay", "grad_clip")      # finite and > 0
 _NOT_NEGATIVE = ("weight_decay", "scst_bleu")               # finite and >= 0
 _FRACTION = ("dropout", "image_dropout", "label_smoothing")  # in [0, 1)
 _CHOICES = {"scst_baseline": ("mean", "greedy")}
-_KINDS = {"int": (int, "a whole number"), "float": ((int, float), "a number"), "str": (str, "a string"),
-          "bool": (bool, "true or false")}
+_KINDS = {int: (int, "a whole number"), float: ((int, float), "a number"), str: (str, "a string"),
+          bool: (bool, "true or false")}
+
+
+@functools.cache
+def field_types() -> dict[str, tuple[type, bool]]:
+    """Each TrainConfig field's type (int, float, str or bool) and whether it may be None, from its annotation."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint) or (hint,)
+        kinds[name] = (next(t for t in args if t is not type(None)), type(None) in args)
+    return kinds
 
 
 def _check_names(d: dict) -> None:
@@ -153,14 +165,13 @@ def _check_names(d: dict) -> None:
 
 def _check_values(d: dict) -> None:
     """Each setting in ``d`` has its field's type and a sensible value, or one ShowtellError names it."""
-    types = {f.name: f.type for f in fields(TrainConfig)}
     for name, value in d.items():
-        kind, _, rest = types[name].partition(" |")
-        if value is None and "None" in rest:
+        kind, optional = field_types()[name]
+        if value is None and optional:
             continue
         cls, words = _KINDS[kind]
-        if not isinstance(value, cls) or (isinstance(value, bool) and kind != "bool"):
-            raise ShowtellError(f"{name} must be {words}{' or unset' if 'None' in rest else ''}, "
+        if not isinstance(value, cls) or (isinstance(value, bool) and kind is not bool):
+            raise ShowtellError(f"{name} must be {words}{' or unset' if optional else ''}, "
                                 f"got {reprlib.repr(value)}")
         if name in _AT_LEAST and value < _AT_LEAST[name] or name in _AT_MOST and value > _AT_MOST[name]:
             top = f" to {_AT_MOST[name]}" if name in _AT_MOST else " or more"

@@ -318,7 +318,7 @@ def list_encoders() -> list[str]:
 
 def _spec(name: str) -> _Spec:
     if name not in _REGISTRY:
-        raise ShowtellError(f"unknown encoder {name!r}; available: {', '.join(_REGISTRY)}")
+        raise ShowtellError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
     return _REGISTRY[name]
 
 

@@ -98,7 +98,6 @@ class Batcher:
         self.options = options
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=options.queue_size)
         self._thread = threading.Thread(target=self._run, name="showtell-batcher", daemon=True)
-        self.batches = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -158,7 +157,6 @@ class Batcher:
 
     def _caption(self, batch: list[_Job]) -> None:
         """Caption a batch; if that raises, each image again alone, so only the one at fault gets the error."""
-        self.batches += 1
         try:
             results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
                                              max_length=self.options.max_length, batch_size=len(batch),
