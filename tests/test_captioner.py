@@ -1,7 +1,9 @@
+import itertools
 import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -45,6 +47,44 @@ def test_api_bad_image_does_not_stop_the_others(tiny_checkpoint, photos, tmp_pat
     results = showtell.load(tiny_checkpoint).caption([photos / "coffee.jpg", bad, photos / "rocket.jpg"])
     assert [r.ok for r in results] == [True, False, True]
     assert "bad.jpg" in results[1].error
+
+
+def test_loading_ahead_keeps_order_errors_and_captions(tiny_checkpoint, photos, tmp_path):
+    """Photos load in threads a batch ahead of the model: the results are those of loading one batch at a time."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>")
+    good = sorted(photos.iterdir())
+    images = [*good[:3], bad, *good, *good[:2]]  # the bad file in the middle of the second batch of 3
+    captioner = showtell.load(tiny_checkpoint)
+    one_at_a_time = captioner.caption(images, batch_size=3, ahead=0, workers=1)
+    ahead = captioner.caption(images, batch_size=3, ahead=1, workers=3)
+    assert [r.image for r in ahead] == [str(p) for p in images]
+    assert [r.ok for r in ahead] == [True, True, True, False, True, True, True, True, True, True]
+    assert ahead[3].error.startswith(f"{bad}: not an image")
+    assert [r.to_dict() for r in ahead] == [r.to_dict() for r in one_at_a_time]
+
+
+def test_input_is_read_at_most_one_batch_ahead_of_the_results(tiny_checkpoint, photos):
+    taken = []
+
+    def lazily():
+        for i in range(12):
+            taken.append(i)
+            yield photos / "coffee.jpg"
+
+    results = showtell.load(tiny_checkpoint).iter_caption(lazily(), batch_size=2)
+    first = next(results)
+    time.sleep(0.3)  # time for the loader to run as far ahead as it may
+    assert first.ok and len(taken) == 4  # the first batch, captioned, and the second, loaded meanwhile
+    assert sum(r.ok for r in results) == 11 and len(taken) == 12
+
+
+def test_a_non_image_raises_when_its_batch_is_reached(tiny_checkpoint, photos):
+    results = showtell.load(tiny_checkpoint).iter_caption([photos / "coffee.jpg", photos / "rocket.jpg", 42],
+                                                          batch_size=2)
+    assert [r.ok for r in itertools.islice(results, 2)] == [True, True]  # the batch before it is not lost
+    with pytest.raises(TypeError):
+        next(results)
 
 
 def test_checkpoint_round_trip_gives_identical_captions(tiny_checkpoint, photos, tmp_path):

@@ -50,9 +50,9 @@ class Counting:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    def caption(self, images, **kwargs):
+    def caption_loaded(self, images, loaded, **kwargs):
         self.calls.append(len(images))
-        return self.inner.caption(images, **kwargs)
+        return self.inner.caption_loaded(images, loaded, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -65,8 +65,13 @@ class Gated:
 
     def __init__(self):
         self.busy, self.release = threading.Event(), threading.Event()
+        self.loaded: list[bytes] = []
 
-    def caption(self, images, **kwargs):
+    def load(self, image):
+        self.loaded.append(image)
+        return image
+
+    def caption_loaded(self, images, loaded, **kwargs):
         self.busy.set()
         assert self.release.wait(30)
         return [CaptionResult("x", caption="a cat", score=-1.0) for _ in images]
@@ -199,6 +204,7 @@ def test_full_queue_gives_503_and_slow_work_gives_504():
         while c.get("/healthz").json()["queue"] < 1:  # the second waits in the queue
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        assert gated.loaded == [b"not read by the fake"] * 2  # the second was decoded while the first was captioned
         third = c.post("/v1/caption", files=image)
         assert third.status_code == 503 and "busy" in third.json()["error"]
         assert third.headers["retry-after"] == "1"

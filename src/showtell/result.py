@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from showtell.errors import ShowtellError
 from showtell.images import ImageInput, check_image_input, describe, is_image_input
+from showtell.loader import load_ahead
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,8 +76,9 @@ class Described:
 
 
 class BatchCaptioning:
-    """What the PyTorch and ONNX captioners share: images are loaded in threads, the readable ones of
-    each batch are captioned together, and an unreadable one gets ``error`` instead of stopping the rest.
+    """What the PyTorch and ONNX captioners share: images are loaded in threads, a batch ahead of the model (see
+    :mod:`showtell.loader`), the readable ones of each batch are captioned together, and an unreadable one gets
+    ``error`` instead of stopping the rest.
 
     A captioner provides ``_load(src) -> array or error message``, ``_stack(arrays)``,
     ``_options(beam_size, max_length, num_return, decoding)`` and ``_describe(stacked, options, tags)``,
@@ -92,29 +96,34 @@ class BatchCaptioning:
 
     def _describe(self, stacked: Any, options: Any, tags: int) -> list[Described]: ...
 
-    def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
-                     batch_size: int = 16, num_return: int = 1, tags: int = 5,
-                     **decoding) -> Iterator[CaptionResult]:
-        """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
-        that is not an image raises TypeError when it is reached (see :func:`showtell.images.load_image`). Each
-        result also gets the ``tags`` most probable ImageNet classes (0: none)."""
-        if isinstance(tags, bool) or not isinstance(tags, int) or tags < 0:
-            raise ShowtellError(f"tags must be a whole number >= 0, got {tags!r}")
-        options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
-        batch: list[ImageInput] = []
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for src in images:
-                check_image_input(src)
-                batch.append(src)
-                if len(batch) == batch_size:
-                    yield from self._caption_batch(batch, options, tags, pool)
-                    batch = []
-            if batch:
-                yield from self._caption_batch(batch, options, tags, pool)
+    def load(self, src: ImageInput) -> Any:
+        """One image decoded and preprocessed for the model, or the message of what is wrong with it; TypeError for
+        an input that is not an image. Thread-safe: :meth:`iter_caption` calls it from several threads."""
+        return self._load(src)
 
-    def _caption_batch(self, batch: Sequence[ImageInput], options: Any, tags: int,
-                       pool: ThreadPoolExecutor) -> list[CaptionResult]:
-        loaded = list(pool.map(self._load, batch))
+    def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
+                     batch_size: int = 16, num_return: int = 1, tags: int = 5, workers: int | None = None,
+                     ahead: int = 1, **decoding) -> Iterator[CaptionResult]:
+        """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
+        that is not an image raises TypeError when its batch is reached (see :func:`showtell.images.load_image`).
+        Each result also gets the ``tags`` most probable ImageNet classes (0: none). Images load in ``workers``
+        threads (default: one per core, at most 8); the next ``ahead`` batches load while one is captioned, so
+        ``images`` is consumed at most that many batches ahead of the results (0: no overlap)."""
+        check_tags(tags)
+        options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
+        for batch, loaded in load_ahead(_chunks(images, batch_size), self.load, workers=workers, ahead=ahead):
+            yield from self._caption_loaded(batch, loaded, options, tags)
+
+    def caption_loaded(self, batch: Sequence[ImageInput], loaded: Sequence[Any], beam_size: int = 3,
+                       max_length: int = 20, num_return: int = 1, tags: int = 5, **decoding) -> list[CaptionResult]:
+        """Caption one batch given what :meth:`load` returned for each of its images: those that loaded are
+        captioned together, the others get their message as ``error``."""
+        check_tags(tags)
+        options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
+        return self._caption_loaded(batch, loaded, options, tags)
+
+    def _caption_loaded(self, batch: Sequence[ImageInput], loaded: Sequence[Any], options: Any,
+                        tags: int) -> list[CaptionResult]:
         results = [CaptionResult(describe(src)) for src in batch]
         good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
         for i, x in enumerate(loaded):
@@ -140,3 +149,14 @@ class BatchCaptioning:
         for src in images:
             check_image_input(src)
         return list(self.iter_caption(images, **kwargs))
+
+
+def check_tags(tags: object) -> None:
+    if isinstance(tags, bool) or not isinstance(tags, int) or tags < 0:
+        raise ShowtellError(f"tags must be a whole number >= 0, got {tags!r}")
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch

@@ -7,9 +7,11 @@ over the limit 413 (bytes, or pixels: see ``max_megapixels``), an empty one 400 
 readable image 415, always as JSON ``{"error": "..."}``. Only uploaded bytes are read, never a path the client names.
 
 One image never fails another: if captioning a batch raises, each of its images is captioned again alone, so
-only the culprit gets an error (415 for an image problem, 500 otherwise). The captioner decodes two images at a time,
-so ``max_megapixels`` bounds the memory that decoding takes, whatever the number of requests; after each batch
-the freed heap is given back to the OS (glibc keeps it otherwise).
+only the culprit gets an error (415 for an image problem, 500 otherwise). Each upload is decoded and preprocessed as
+it is queued, in ``decode_threads`` threads (one per core, at most 8), while the model captions the batch before;
+so ``max_megapixels`` times ``decode_threads`` bounds the memory that decoding takes, whatever the number of
+requests, and a queued image holds only its model input. After each batch the freed heap is given back to the OS
+(glibc keeps it otherwise).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -44,6 +46,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from showtell.errors import ShowtellError
+from showtell.loader import default_workers
 
 STATIC_DIR = str(files("showtell") / "static")
 MULTIPART_OVERHEAD = 64 * 1024  # room for multipart headers and boundaries around an image at the limit
@@ -74,6 +77,7 @@ class ServerOptions:
     beam_size: int = 3
     max_length: int = 20
     tags: int = 5                 # most probable ImageNet classes given with each caption
+    decode_threads: int | None = None  # uploads decoded at once (None: one per core, at most 8)
 
     @property
     def max_bytes(self) -> int:
@@ -87,7 +91,8 @@ class Busy(Exception):
 @dataclass
 class _Job:
     image: bytes
-    future: Future
+    future: Future  # the result
+    loaded: Future  # the image decoded and preprocessed (BatchCaptioning.load), or the exception that raised
 
 
 class Batcher:
@@ -98,6 +103,8 @@ class Batcher:
         self.options = options
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=options.queue_size)
         self._thread = threading.Thread(target=self._run, name="showtell-batcher", daemon=True)
+        self._decoders = ThreadPoolExecutor(options.decode_threads or default_workers(),
+                                            thread_name_prefix="showtell-decode")
 
     def start(self) -> None:
         self._thread.start()
@@ -110,6 +117,7 @@ class Batcher:
             except queue.Full:
                 continue
         self._thread.join(timeout=self.options.timeout_s)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -121,7 +129,7 @@ class Batcher:
         for image in images:
             future: Future = Future()
             try:
-                self._queue.put_nowait(_Job(image, future))
+                self._queue.put_nowait(_Job(image, future, self._decoders.submit(self._load, image)))
             except queue.Full:
                 for f in futures:
                     f.cancel()
@@ -148,23 +156,36 @@ class Batcher:
         stop = False
         while not stop:
             batch, stop = self._next_batch()
-            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop timed-out ones
+            for job in batch:
+                if not job.future.set_running_or_notify_cancel():  # timed out while it waited
+                    job.loaded.cancel()
+            batch = [job for job in batch if not job.future.cancelled()]
             if not batch:
                 continue
-            self._caption(batch)
+            self._caption(batch, [job.loaded.result() for job in batch])
             if _malloc_trim is not None and self._queue.empty():
                 _malloc_trim(0)  # decoding big images left hundreds of MB of freed heap that glibc would keep
 
-    def _caption(self, batch: list[_Job]) -> None:
+    def _load(self, image: bytes) -> Any:
+        try:
+            return self.captioner.load(image)
+        except Exception as e:  # a bug in decoding: this image's error, not the server's end
+            return e
+
+    def _caption(self, batch: list[_Job], loaded: list[Any]) -> None:
         """Caption a batch; if that raises, each image again alone, so only the one at fault gets the error."""
         try:
-            results = self.captioner.caption([job.image for job in batch], beam_size=self.options.beam_size,
-                                             max_length=self.options.max_length, batch_size=len(batch),
-                                             num_return=self.options.beam_size, tags=self.options.tags)
+            for x in loaded:
+                if isinstance(x, Exception):
+                    raise x
+            results = self.captioner.caption_loaded([job.image for job in batch], loaded,
+                                                    beam_size=self.options.beam_size,
+                                                    max_length=self.options.max_length,
+                                                    num_return=self.options.beam_size, tags=self.options.tags)
         except Exception as e:  # a file the decoder chokes on, a bug, out of memory: keep serving
             if len(batch) > 1:
-                for job in batch:
-                    self._caption([job])
+                for job, x in zip(batch, loaded):
+                    self._caption([job], [x])
                 return
             if not isinstance(e, ShowtellError):
                 log.error("captioning an image failed: %s: %s", _kind(e), e)

@@ -1,0 +1,85 @@
+"""Photos decoded and resized ahead of the model: the next batch loads in threads while the current one is captioned.
+
+PIL's decoders and resizing release the GIL, so threads decode in parallel. ``load_ahead`` pulls batches from its
+source in a thread of its own (the source may block, as the server's request queue does), starts their loads, and
+hands them over in order; at most ``ahead`` batches beyond the one being captioned are taken from the source, so
+memory stays bounded whatever the length of the input.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
+MAX_WORKERS = 8  # beyond this, a GPU waits on something else than decoding (measured: README, Speed)
+
+
+def default_workers() -> int:
+    """Threads that decode photos: one per CPU core this process may use, at most ``MAX_WORKERS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
+class _End:
+    """The source is exhausted (``error`` None) or raised ``error``."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: int | None = None,
+               ahead: int = 1) -> Iterator[tuple[Sequence[T], list[U]]]:
+    """Each batch of ``batches`` with ``load`` applied to its items, in order. The items of a batch load in
+    ``workers`` threads (default :func:`default_workers`), and the next ``ahead`` batches start loading while
+    the caller works on this one (0: a batch starts loading when it is asked for). An exception raised by
+    ``load`` or by the source is raised here, after the batches before it."""
+    if ahead < 0:
+        raise ValueError(f"ahead must be >= 0, got {ahead}")
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="showtell-load")
+    slots = threading.Semaphore(ahead + 1)  # the batch the caller holds, and those loading ahead of it
+    ready: queue.Queue[tuple[Sequence[T], list[Future]] | _End] = queue.Queue()
+    closed = threading.Event()
+
+    def feed() -> None:
+        try:
+            for batch in _acquired(batches, slots, closed):
+                ready.put((batch, [pool.submit(load, item) for item in batch]))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, in order
+            ready.put(_End(e))
+        else:
+            ready.put(_End())
+
+    threading.Thread(target=feed, name="showtell-feed", daemon=True).start()
+    try:
+        while not isinstance(item := ready.get(), _End):
+            batch, futures = item
+            yield batch, [f.result() for f in futures]
+            slots.release()
+        if item.error is not None:
+            raise item.error
+    finally:
+        closed.set()
+        slots.release()  # wakes the feeder if it waits for a slot; it then stops
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _acquired(batches: Iterable[Sequence[T]], slots: threading.Semaphore, closed: threading.Event) -> Iterator:
+    """The batches, each taken from the source only once a slot is free and while the caller is still there."""
+    it = iter(batches)
+    while True:
+        slots.acquire()
+        if closed.is_set():
+            return
+        batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
