@@ -17,7 +17,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
-MAX_WORKERS = 8  # beyond this, a GPU waits on something else than decoding (measured: README, Speed)
+MAX_WORKERS = 8  # a cap, so that a big machine does not decode 64 photos at once (memory) for a batch of 16
 
 
 def default_workers() -> int:
