@@ -51,6 +51,7 @@ def tag_agreement(words: Sequence[str], top: Sequence[tuple[int, float]],
 
 def familiarity(features: Tensor, centroids: Tensor) -> Tensor:
     """[N] cosine similarity of each feature vector to its nearest centroid."""
+    centroids = centroids.to(features.device)  # the checkpoint's centroids stay on the CPU; features may be on a GPU
     return (F.normalize(features.float(), dim=1) @ F.normalize(centroids.float(), dim=1).T).amax(dim=1)
 
 
