@@ -43,7 +43,7 @@ SPLITS = ("train", "dev", "test")
 
 
 # ---- here: the folder ------------------------------------------------------------------------------------------
-def prepare(out: Path, root: Path, counts: dict[str, int], wheels: list[Path]) -> None:
+def prepare(out: Path, root: Path, counts: dict[str, int], wheels: list[Path], quality: int | None = None) -> None:
     """Copy the first photos of each split, their captions and split files, the wheels and pycocoevalcap's scorers."""
     text, images = out / "flickr8k" / TEXT, out / "flickr8k" / IMAGES
     text.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,12 @@ def prepare(out: Path, root: Path, counts: dict[str, int], wheels: list[Path]) -
     lines = (root / TEXT / "Flickr8k.token.txt").read_text().splitlines()
     (text / "Flickr8k.token.txt").write_text("".join(f"{line}\n" for line in lines if line.split("#")[0] in keep))
     for name in sorted(keep):
-        shutil.copyfile(root / IMAGES / name, images / name)
+        if quality:  # smaller files, to fit more photos through a size-limited transfer
+            from PIL import Image
+
+            Image.open(root / IMAGES / name).convert("RGB").save(images / name, "JPEG", quality=quality)
+        else:
+            shutil.copyfile(root / IMAGES / name, images / name)
     for wheel in wheels:
         shutil.copyfile(wheel, out / wheel.name)
     import pycocoevalcap  # its scorers are Python; the jars (PTB tokenizer, METEOR, SPICE) need Java, not shipped
@@ -214,6 +219,8 @@ def check(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     stage("features", features)
+    if not args.tiny:
+        stage("caption_shipped", caption("default"))
     stage("train_cached", train([], "cached"))
     stage("train_end_to_end", train(["--end-to-end", "--fine-tune"], "end_to_end"))
     if args.compare_src:
@@ -221,8 +228,6 @@ def check(args: argparse.Namespace) -> dict:
                                                args.compare_src.resolve()))
     stage("torchrun", torchrun)
     stage("caption", caption(str(work / "cached" / "best.safetensors")))
-    if not args.tiny:
-        stage("caption_shipped", caption("default"))
     stage("evaluate", evaluate)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["failed"] = [name for name, s in out["stages"].items() if "error" in s]
@@ -250,22 +255,47 @@ def stage_features(args: argparse.Namespace) -> dict:
 
 
 def stage_caption(args: argparse.Namespace) -> dict:
+    """Photos/s end to end (files in, captions out) and, apart, of each part: loading (JPEG decoding, resizing, in the
+    captioner's threads), the encoder on loaded photos, and the decoder (beams, tags, confidence) on their features."""
+    import torch
+
     from showtell.captioner import load
     from showtell.datasets import load_corpus
+    from showtell.decoding import DecodingOptions
+    from showtell.loader import load_ahead
 
     model = None if args.model == "default" else args.model
     captioner = load(model, device=args.device)
     photos = [r.image for r in load_corpus("flickr8k", str(args.data / "flickr8k")).split("test")]
     captioner.caption(photos[: args.batch_size], batch_size=args.batch_size)  # warm-up: first-use costs
-    t0 = time.perf_counter()
-    results = captioner.caption(photos * args.repeat, batch_size=args.batch_size)
-    seconds = time.perf_counter() - t0
+    work = photos * args.repeat
+
+    def timed(fn) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    results: list = []
+    seconds = timed(lambda: results.extend(captioner.caption(work, batch_size=args.batch_size)))
+    chunks = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
+    loaded: list = []
+    load_s = timed(lambda: loaded.extend(torch.stack(x) for _, x in load_ahead(chunks, captioner.load)))
+    feats: list = []
+    encode_s = timed(lambda: feats.extend(captioner.features(x) for x in loaded))
+    options = DecodingOptions(beam_size=3, max_length=20)
+    decode_s = timed(lambda: [captioner.describe_features(f, options, tags=5) for f in feats])
     failed = sum(not r.ok for r in results)
     words = sum(len(r.caption.split()) for r in results if r.ok) / max(1, len(results) - failed)
-    return {"model": args.model if model else "shipped", "photos": len(results), "failed": failed,
-            "batch_size": args.batch_size, "seconds": round(seconds, 2),
-            "photos_per_s": round(len(results) / seconds, 1), "mean_words": round(words, 2),
-            "example": results[0].caption}
+    n = len(work)
+    return {"model": args.model if model else "shipped", "photos": n, "failed": failed, "batch_size": args.batch_size,
+            "seconds": round(seconds, 2), "photos_per_s": round(n / seconds, 1),
+            "parts_photos_per_s": {"load": round(n / load_s, 1), "encode": round(n / encode_s, 1),
+                                   "decode": round(n / decode_s, 1)},
+            "mean_words": round(words, 2), "example": results[0].caption}
 
 
 def main() -> None:
@@ -275,6 +305,7 @@ def main() -> None:
     p.add_argument("--wheel", type=Path, action="append", default=[], help="a wheel to put in the folder (repeat)")
     for split, n in zip(SPLITS, (300, 100, 100)):
         p.add_argument(f"--{split}", type=int, default=n, help=f"{split} photos in the folder (default {n})")
+    p.add_argument("--quality", type=int, help="re-encode the photos as JPEG of this quality (default: copy them)")
     p.add_argument("--data", type=Path, help="the folder made by --prepare: run the check on it")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--work", type=Path, help="where runs, caches and logs go (default: a new temporary folder)")
@@ -293,7 +324,8 @@ def main() -> None:
     if args.prepare:
         if not args.root:
             p.error("--prepare needs --root")
-        prepare(args.prepare, args.root, {"train": args.train, "dev": args.dev, "test": args.test}, args.wheel)
+        counts = {"train": args.train, "dev": args.dev, "test": args.test}
+        prepare(args.prepare, args.root, counts, args.wheel, args.quality)
         return
     if not args.data:
         p.error("--data (or --prepare) is required")
