@@ -106,6 +106,21 @@ def test_features_shape_dtype_and_frozen(lite: dict[str, Encoder], name: str) ->
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_map_is_the_grid_whose_mean_is_the_pooled_vector(lite: dict[str, Encoder], name: str) -> None:
+    enc = lite[name] if name in lite else create_encoder(name, pretrained=False)
+    info = encoder_info(name)
+    x = _batch(enc, skdata.chelsea(), skdata.coffee())
+    with torch.inference_mode():
+        grid, pooled = enc.feature_map(x), enc(x)
+    # Lite0 at 224 px: 7 x 7 x 1280; Lite2 (and the pair) at 260 px: 9 x 9; ResNets at 224: 7 x 7 x 2048
+    side = {"efficientnet_lite0": 7, "efficientnet_lite2": 9, "efficientnet_lite0+2": 9}.get(name, 7)
+    assert info["grid"] == side
+    assert grid.shape == (2, side * side, info["feature_dim"]) and grid.dtype == torch.float32
+    assert torch.allclose(grid.mean(1), pooled, atol=1e-4)
+    assert not torch.allclose(grid[0, 0], grid[0, -1])  # positions differ: a real map, not a broadcast vector
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
 def test_train_mode_keeps_frozen_batchnorm_in_eval(name: str) -> None:
     enc = create_encoder(name, pretrained=name == "efficientnet_lite0")

@@ -25,6 +25,10 @@ class CountingEncoder(torch.nn.Module):
         self.seen += len(x)
         return self.inner(x)
 
+    def feature_map(self, x):
+        self.seen += len(x)
+        return self.inner.feature_map(x)
+
 
 @pytest.fixture(scope="module")
 def images(photos):
@@ -106,3 +110,27 @@ def test_shares_extracted_apart_join_into_the_whole_cache_without_reextracting(i
     counting = CountingEncoder()
     extract_features(files[:2], "efficientnet_lite0", tmp_path / "g", encoder=counting, reuse=[flipped], quiet=True)
     assert counting.seen == 2
+
+
+def test_spatial_cache_holds_feature_maps_apart_from_the_pooled_cache(images, tmp_path):
+    from showtell.errors import ShowtellError
+    from showtell.features import check_spatial
+
+    pooled = extract_features(images, "efficientnet_lite0", tmp_path, flip=True, quiet=True)
+    counting = CountingEncoder()
+    maps = extract_features(images, "efficientnet_lite0", tmp_path, flip=True, quiet=True, spatial=True,
+                            encoder=counting)
+    # a pooled cache is never taken for feature maps: the maps are extracted into a folder of their own
+    assert counting.seen == 8 and maps.path != pooled.path and maps.path.name.startswith("efficientnet_lite0-spatial")
+    assert maps.spatial and not pooled.spatial and maps.manifest["grid"] == 7
+    assert maps.features.shape == (4, 2, 49, 1280) and maps.features.dtype == np.float16
+    assert maps.features[0].nbytes == 2 * 125_440  # 125 KB a view on disk (fp16 7 x 7 x 1280)
+    np.testing.assert_allclose(maps.features.astype(np.float32).mean(2), pooled.features.astype(np.float32),
+                               atol=2e-2)  # the mean of the map is the pooled vector
+    again = CountingEncoder()  # the pooled cache is as it was: found again, nothing extracted
+    assert extract_features(images, "efficientnet_lite0", tmp_path, flip=True, quiet=True, encoder=again).path \
+        == pooled.path and again.seen == 0
+    with pytest.raises(ShowtellError, match=r"holds pooled features, but the model needs feature maps; extract"):
+        check_spatial(pooled, spatial=True)
+    with pytest.raises(ShowtellError, match=r"holds feature maps, but the model needs pooled features"):
+        check_spatial(maps, spatial=False)

@@ -513,7 +513,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     for split in splits:
         records = corpus.split(split)[: args.limit] if args.limit else corpus.split(split)
         cache = extract_features([r.image for r in records], args.encoder, args.cache_dir, flip=args.flip,
-                                 batch_size=args.batch_size, quiet=args.quiet)
+                                 batch_size=args.batch_size, quiet=args.quiet, spatial=args.spatial)
         print(f"{split}: {len(records)} images -> {cache.path}"
               + (f" ({len(cache.failed)} unreadable)" if cache.failed else ""))
     return 0
@@ -682,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--flip", action="store_true",
                       help="also the horizontally flipped images (training extracts them for the train split unless "
                            "--no-flip)")
+    feat.add_argument("--spatial", action="store_true",
+                      help="the encoder's last feature maps, for --decoder attention (fp16, 50-80x the disk of pooled "
+                           "features), instead of the pooled vectors")
     feat.add_argument("--limit", type=_count(1), help="extract only the first N images of each split (default: all)")
     feat.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=32,
                       help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 32)")

