@@ -64,9 +64,16 @@ class Captioner(BatchCaptioning):
         if self.encoder.feature_dim != self.model.config.feature_dim:
             raise CheckpointError(f"checkpoint expects {self.model.config.feature_dim}-d features but encoder "
                                   f"{checkpoint.encoder} gives {self.encoder.feature_dim}")
-        # features come from the int8 build of the encoder where it runs (showtell.quantize), else the encoder itself
-        self.precision, self.feature_encoder = feature_encoder(self.encoder, precision, self.device)
-        self.decoder = decoder_for(self.model, self.precision, self.device)  # the model, or in bf16 with int8
+        self.spatial = self.model.config.spatial  # an attention decoder: it reads the encoder's feature map
+        if self.spatial:  # the int8 graph gives pooled features only
+            if precision == "int8":
+                raise ShowtellError("precision int8: the int8 encoder gives pooled features, and this attention "
+                                    "model reads feature maps; use fp32")
+            self.precision, self.feature_encoder, self.decoder = "fp32", self.encoder, self.model
+        else:
+            # features come from the int8 build of the encoder where it runs (showtell.quantize), else the encoder
+            self.precision, self.feature_encoder = feature_encoder(self.encoder, precision, self.device)
+            self.decoder = decoder_for(self.model, self.precision, self.device)  # the model, or in bf16 with int8
         self.grounding = self._grounding(checkpoint, ground)
         self.preprocess = Preprocess.from_dict(checkpoint.preprocess)
         self.transform = self.preprocess.transform(train=False)
@@ -83,14 +90,19 @@ class Captioner(BatchCaptioning):
         from showtell.encoders import encode
 
         with torch.inference_mode():
-            return encode(self.feature_encoder, images.to(self.device), self.encoder_batch)
+            return encode(self.feature_encoder, images.to(self.device), self.encoder_batch,
+                          spatial=self.spatial)
+
+    def pooled(self, feats: torch.Tensor) -> torch.Tensor:
+        """The pooled features [B, D] (what the tagger reads) of ``features()``: the mean of a feature map."""
+        return feats.mean(1) if self.spatial else feats
 
     def _grounding(self, checkpoint: Checkpoint, ground: bool) -> Grounding | None:
         """The checkpoint's confidence model and grounding rule (scripts/fit_confidence.py), when it has them and
         there are tags to read them with; without the rule when ``ground`` is false (captions are the model's own,
         each with its confidence)."""
         meta = checkpoint.meta
-        if "confidence" not in meta and "grounding" not in meta:
+        if ("confidence" not in meta and "grounding" not in meta) or self.spatial:  # fitted to Show and Tell only
             return None
         confidence = ConfidenceModel.from_meta(meta.get("confidence"), checkpoint.extra_tensors,
                                                self.model.config.feature_dim)
@@ -118,7 +130,14 @@ class Captioner(BatchCaptioning):
         encoder has no usable ImageNet head (``tags_note`` says why)."""
         if not k or self.tagger is None:
             return [[] for _ in range(len(feats))]
-        return self.tagger.top(feats.to(self.device), k)
+        return self.tagger.top(self.pooled(feats.to(self.device)), k)
+
+    def attention_maps(self, feats: torch.Tensor, hyps: list[list[Hypothesis]]) -> list[list]:
+        """Per image, where the attention decoder looked for each word of its best caption: (word, [grid, grid]
+        numpy map summing to 1) pairs."""
+        best = [per_image[0].tokens if per_image else [] for per_image in hyps]
+        maps = self.model.attention_maps(feats.to(self.device), best, start_id=self.vocab.start_id)
+        return [[(self.vocab.itos[t], m.numpy()) for t, m in zip(tokens, grid)] for tokens, grid in zip(best, maps)]
 
     def _describe(self, images: torch.Tensor, options: DecodingOptions, tags: int) -> list[Described]:
         return self.describe_features(self.features(images), options, tags)
@@ -127,10 +146,14 @@ class Captioner(BatchCaptioning):
         """What the captioner says of images given their encoder features: beams, ``tags`` tags, confidence and
         grounding (when the checkpoint has them); the same for photos and for features from the cache."""
         with torch.inference_mode():  # the tags' probabilities once, for the tags and for the grounding
-            probs = None if self.tagger is None or not (tags or self.grounding) else self.tagger(feats.to(self.device))
+            probs = None if self.tagger is None or not (tags or self.grounding) else \
+                self.tagger(self.pooled(feats.to(self.device)))
         image_tags = self.tagger.top_of(probs, tags) if probs is not None and tags else [[] for _ in range(len(feats))]
         if self.grounding is None:
-            return [Described(beams, t) for beams, t in zip(self.caption_features(feats, options), image_tags)]
+            hyps = self.hypotheses(feats, options)
+            maps = self.attention_maps(feats, hyps) if self.spatial else [None] * len(hyps)
+            return [Described([(self.vocab.decode(h.tokens), float(h.score)) for h in per_image], t, attention=m)
+                    for per_image, t, m in zip(hyps, image_tags, maps)]
         every = replace(options, num_return=options.beam_size)  # the confidence compares the beams
         own = self.caption_features(feats, every)
         with torch.inference_mode():

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from showtell.errors import CheckpointError, ShowtellError
 from showtell.fileio import atomic_path
 from showtell.limits import MAX_HEADER_BYTES, MAX_MEMBERS, check_int, check_preprocess
-from showtell.model import CaptionModel, Ensemble, ModelConfig
+from showtell.model import CaptionModel, Ensemble, ModelConfig, model_class
 from showtell.vocab import Vocabulary
 
 FORMAT = "showtell-checkpoint"
@@ -159,7 +159,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens but the model config says "
                               f"{config.vocab_size}")
-    shapes = CaptionModel.state_shapes(config) if members is None else Ensemble.state_shapes(config, members)
+    if config.spatial:
+        _check_grid(path, config, encoder)
+    if members is not None and config.spatial:
+        raise CheckpointError(f"{path}: an ensemble of {config.decoder} decoders; ensembles are of Show-and-Tell "
+                              "models")
+    shapes = model_class(config).state_shapes(config) if members is None else Ensemble.state_shapes(config, members)
     _check_stored(path, shapes)  # from the file's header: nothing is built or read before this passes
     try:
         tensors = load_file(str(path), device=map_location)
@@ -176,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
                                   "checkpoint is corrupt or its training diverged")
         if not k.startswith(EXTRA_PREFIXES):
             weights[k] = v.float() if v.is_floating_point() else v
-    model = CaptionModel(config) if members is None else Ensemble(config, members)
+    model = model_class(config)(config) if members is None else Ensemble(config, members)
     model.load_state_dict(weights, strict=True)  # the checked names and shapes
     model.eval()
     extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
@@ -184,6 +189,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
 
 
 _FLOATS = ("F32", "F16", "BF16", "F64")
+
+
+def _check_grid(path: str | os.PathLike, config: ModelConfig, encoder: str) -> None:
+    """An attention decoder must attend over the feature map its encoder gives: the same grid and channels."""
+    from showtell.encoders import encoder_info, list_encoders
+
+    if encoder not in list_encoders():
+        return  # an unknown encoder is refused by name where it would be built
+    info = encoder_info(encoder)
+    g, d = info["grid"], info["feature_dim"]
+    if (config.grid, config.feature_dim) != (g, d):
+        raise CheckpointError(f"{path}: the attention decoder attends over a {config.grid} x {config.grid} x "
+                              f"{config.feature_dim} feature map, but encoder {encoder} gives {g} x {g} x {d}")
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -18,6 +18,9 @@ from showtell.errors import ShowtellError
 from showtell.limits import MAX_BEAM_SIZE, MAX_LENGTH
 
 DEFAULT_ENCODER = "efficientnet_lite2"
+# Show and Tell (showtell.model.CaptionModel: the pooled image is the LSTM's first input), or Show, Attend and Tell
+# (showtell.attention.AttentionModel: soft attention over the encoder's last feature map at every word)
+DECODERS = ("show-and-tell", "attention")
 
 
 def read_toml(path: str | os.PathLike) -> dict:
@@ -66,6 +69,7 @@ class TrainConfig:
     dropout: float = 0.5              # on the word embeddings and the LSTM output
     image_dropout: float | None = None  # on the projected image feature (the LSTM's first input); None: = dropout
     batch_norm: bool = False
+    decoder: str = DECODERS[0]        # "attention": Show, Attend and Tell over the encoder's feature map
     init: str | None = None           # start from this checkpoint (model or ensemble; its vocabulary and sizes)
     # optimisation
     epochs: int = 30
@@ -142,7 +146,7 @@ _AT_MOST = {"eval_beam_size": MAX_BEAM_SIZE, "eval_max_length": MAX_LENGTH, "scs
 _POSITIVE = ("lr", "scst_lr", "lr_decay", "grad_clip")      # finite and > 0
 _NOT_NEGATIVE = ("weight_decay", "scst_bleu")               # finite and >= 0
 _FRACTION = ("dropout", "image_dropout", "label_smoothing")  # in [0, 1)
-_CHOICES = {"scst_baseline": ("mean", "greedy")}
+_CHOICES = {"scst_baseline": ("mean", "greedy"), "decoder": DECODERS}
 _KINDS = {int: (int, "a whole number"), float: ((int, float), "a number"), str: (str, "a string"),
           bool: (bool, "true or false")}
 

@@ -69,7 +69,8 @@ def evaluate_records(captioner, records: list[CaptionRecord], options: DecodingO
     from showtell.features import extract_features
 
     cache = extract_features([r.image for r in records], captioner.checkpoint.encoder, cache_dir, quiet=quiet,
-                             encoder=captioner.feature_encoder, device=captioner.device)
+                             encoder=captioner.feature_encoder, device=captioner.device,
+                             spatial=captioner.spatial)
     records = [r for r in records if str(r.image.resolve()) not in cache.failed]
     rows = [cache.row(r.image.resolve()) for r in records]
     feats = torch.from_numpy(cache.features[rows, 0].astype("float32"))

@@ -100,6 +100,8 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     if out.exists() and not out.is_dir():
         raise ShowtellError(f"{out}: exists and is not a directory")
     captioner = load(model, precision="fp32")  # the export is of the fp32 encoder
+    if captioner.spatial:
+        raise ShowtellError(f"ONNX export of the {captioner.model.config.decoder} decoder is not supported yet")
     out.mkdir(parents=True, exist_ok=True)
     ckpt, encoder, decoder = captioner.checkpoint, captioner.encoder.cpu().eval(), captioner.model.cpu().eval()
     config, pre, vocab = decoder.config, captioner.preprocess, captioner.vocab

@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from showtell.config import DECODERS
 from showtell.errors import ShowtellError
 from showtell.limits import MAX_DIM, MAX_LAYERS, MAX_MEMBERS, MAX_VOCAB_SIZE, check_int
 
 State = tuple[Tensor, Tensor]  # LSTM (h, c), each [num_layers, B, hidden_dim]
+SHOW_AND_TELL, ATTENTION = DECODERS  # ATTENTION: showtell.attention, Show, Attend and Tell
+MAX_GRID = 64  # side of an attention model's feature map (registered encoders: 7 and 9)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class ModelConfig:
     dropout: float = 0.5  # on the word embeddings, the LSTM output and between layers
     image_dropout: float | None = None  # on the projected image, the LSTM's first input; None: as ``dropout``
     batch_norm: bool = False  # BatchNorm1d after the image projection (yunjey's pytorch-tutorial layout)
+    decoder: str = SHOW_AND_TELL  # or ATTENTION: soft attention over the encoder's feature map (showtell.attention)
+    grid: int | None = None  # ATTENTION only: the side of the feature map it attends over (the encoder's "grid")
 
     def __post_init__(self) -> None:
         # bounded (showtell.limits), so that a checkpoint cannot ask for a model that exhausts memory;
@@ -51,9 +56,25 @@ class ModelConfig:
                 raise ShowtellError(f"model config: {name} must be in [0, 1), got {value!r}")
         if not isinstance(self.batch_norm, bool):
             raise ShowtellError(f"model config: batch_norm must be true or false, got {self.batch_norm!r}")
+        if self.decoder not in DECODERS:
+            raise ShowtellError(f"model config: decoder must be {' or '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decoder == ATTENTION:
+            check_int("model config: grid", self.grid, 1, MAX_GRID)
+            if self.num_layers != 1 or self.batch_norm:
+                raise ShowtellError("model config: the attention decoder has one LSTM layer and no batch norm")
+        elif self.grid is not None:
+            raise ShowtellError(f"model config: grid is for the attention decoder, not {self.decoder}")
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the model reads the encoder's feature map [B, grid * grid, feature_dim], not pooled features."""
+        return self.decoder == ATTENTION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.decoder == SHOW_AND_TELL:  # Show-and-Tell checkpoints and exports keep the record they always had
+            del d["decoder"], d["grid"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -67,6 +88,18 @@ class ModelConfig:
         if missing:
             raise ShowtellError(f"model config: missing key(s) {', '.join(missing)}")
         return cls(**d)
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The model class a config describes: CaptionModel, or showtell.attention.AttentionModel."""
+    if config.decoder == ATTENTION:
+        from showtell.attention import AttentionModel
+        return AttentionModel
+    return CaptionModel
+
+
+def create_model(config: ModelConfig) -> nn.Module:
+    return model_class(config)(config)
 
 
 class CaptionModel(nn.Module):
@@ -156,6 +189,8 @@ class Ensemble(nn.Module):
             raise ShowtellError(f"an ensemble needs at least 2 members, got {members!r}")
         if members > MAX_MEMBERS:
             raise ShowtellError(f"an ensemble of {members} members; at most {MAX_MEMBERS} are supported")
+        if config.decoder != SHOW_AND_TELL:
+            raise ShowtellError(f"ensembles are of {SHOW_AND_TELL} models; an {config.decoder} decoder cannot join one")
         self.config = config
         self.members = nn.ModuleList(CaptionModel(config) for _ in range(members))
 

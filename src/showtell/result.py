@@ -27,6 +27,9 @@ class CaptionResult:
     tags_note: str | None = None     # why tags were asked for but there are none
     confidence: float | None = None  # the probability that the caption is right (showtell.confidence)
     model_caption: str | None = None  # the model's own caption, when a confident tag overruled it (showtell.grounding)
+    # an attention decoder's: for each word of the caption, (word, [grid, grid] numpy map summing to 1) of where it
+    # looked on the photo's center crop; not in to_dict
+    attention: list[tuple[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +76,7 @@ class Described:
     tags: list[tuple[str, float]] = field(default_factory=list)
     confidence: float | None = None
     model_caption: str | None = None
+    attention: list[tuple[str, Any]] | None = None  # an attention decoder's maps of the best caption's words
 
 
 class BatchCaptioning:
@@ -138,6 +142,7 @@ class BatchCaptioning:
                     continue
                 (r.caption, r.score), r.alternatives = d.beams[0], d.beams[1:]
                 r.tags, r.confidence, r.model_caption = d.tags, d.confidence, d.model_caption
+                r.attention = d.attention
                 r.tags_note = self.tags_note if tags and not d.tags else None
         return results
 

@@ -30,7 +30,7 @@ from showtell.evaluate import generate, score_records
 from showtell.features import FeatureCache, extract_features, find_features, iter_features
 from showtell.fileio import atomic_write_text, sha256_file
 from showtell.images import load_image
-from showtell.model import CaptionModel, Ensemble, ModelConfig
+from showtell.model import ATTENTION, CaptionModel, Ensemble, ModelConfig, create_model
 from showtell.vocab import Vocabulary
 
 # Settings a resumed run may change: how long it goes on, and where and how it runs.
@@ -160,6 +160,7 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         self.main = self.rank == 0
         self.init = None  # (vocabulary, model, record) of the --init checkpoint, loaded by run()
+        self.spatial = config.decoder == ATTENTION  # the model reads feature maps, not pooled features
 
     def say(self, msg: str) -> None:
         if self.main and not self.quiet:
@@ -194,10 +195,10 @@ class Trainer:
         one cache that a single process would have built; this needs the cache folder on a shared file system."""
         c = self.config
         kwargs = dict(encoder_name=c.encoder, cache_dir=c.cache_dir, flip=flip, device=str(self.device),
-                      num_workers=c.num_workers)
+                      num_workers=c.num_workers, spatial=self.spatial)
         if self.world == 1:
             return extract_features(images, quiet=self.quiet, **kwargs)
-        cache = find_features(images, c.encoder, c.cache_dir, flip) if self.main else None
+        cache = find_features(images, c.encoder, c.cache_dir, flip, self.spatial) if self.main else None
         missing = [cache is None]
         torch.distributed.broadcast_object_list(missing, 0)  # rank 0 decides, so every rank takes one path
         if missing[0]:
@@ -250,9 +251,10 @@ class Trainer:
                 self.vocab = Vocabulary.build(captions, min_count=c.min_count)
                 mc = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.info["feature_dim"],
                                  embed_dim=c.embed_dim, hidden_dim=c.hidden_dim, num_layers=c.num_layers,
-                                 dropout=c.dropout, image_dropout=c.image_dropout, batch_norm=c.batch_norm)
+                                 dropout=c.dropout, image_dropout=c.image_dropout, batch_norm=c.batch_norm,
+                                 decoder=c.decoder, grid=self.info["grid"] if self.spatial else None)
                 torch.manual_seed(c.seed)
-                self.model = CaptionModel(mc)
+                self.model = create_model(mc)
             self.state = {"stage": "xe", "epoch": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0,
                           "history": [], "train_seconds": 0.0, **({"init": record} if c.init else {})}
             self.optim_tensors, self.encoder_tensors = {}, {}
@@ -293,6 +295,9 @@ class Trainer:
             raise ShowtellError(f"--init {c.init} was trained on {ckpt.encoder} features, not {c.encoder}")
         if ckpt.tensors("encoder/"):
             raise ShowtellError(f"--init {c.init} has a fine-tuned encoder, which --init does not carry over")
+        if ckpt.model.config.decoder != c.decoder:
+            raise ShowtellError(f"--init {c.init} has a {ckpt.model.config.decoder} decoder; pass --decoder "
+                                f"{ckpt.model.config.decoder}")
         if isinstance(ckpt.model, Ensemble) and c.epochs:
             raise ShowtellError("an ensemble trains only in the self-critical stage: pass --epochs 0 and "
                                 "--scst-epochs N with --init " + str(c.init))
@@ -326,11 +331,12 @@ class Trainer:
         n, step = len(photos), -(-self.config.batch_size // 4)
         x = photos[torch.arange(max(n, min(self.config.batch_size, -(-n // step) * step))) % n]
         x = x.to(self.device, non_blocking=True)
+        encode = self.encoder.feature_map if self.spatial else self.encoder
         if self.config.fine_tune:
             self.encoder.train()
-            return self.encoder(x)[:n]
+            return encode(x)[:n]
         with torch.no_grad():
-            return self.encoder(x)[:n]
+            return encode(x)[:n]
 
     def train_epoch(self, epoch: int) -> float:
         c = self.config
@@ -382,7 +388,7 @@ class Trainer:
         if feats is None:  # end to end: the encoder may be changing, so no cache
             images = [r.image for r in self.records["dev"]]
             feats = torch.cat([f[:, 0] for _, f, _ in iter_features(self.encoder, images, list(range(len(images))),
-                                                                   device=str(self.device))])
+                                                                   device=str(self.device), spatial=self.spatial)])
         options = DecodingOptions(beam_size=c.eval_beam_size, max_length=c.eval_max_length)
         captions = generate(self.model, self.vocab, feats.to(self.device), options)
         scores, summary = score_records(self.records["dev"], captions, metrics=DEV_METRICS)

@@ -1,0 +1,173 @@
+"""The Show, Attend and Tell decoder: its config and checkpoint, the one decoding loop over it, training, and the
+per-word attention maps of the Python API."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from showtell.attention import ATTENTION_REG, AttentionModel
+from showtell.checkpoint import load_checkpoint, save_checkpoint
+from showtell.config import TrainConfig
+from showtell.decoding import DecodingOptions, decode
+from showtell.encoders import encoder_info
+from showtell.errors import CheckpointError, ShowtellError
+from showtell.model import CaptionModel, Ensemble, ModelConfig, create_model
+from showtell.vocab import Vocabulary
+
+
+def make_model(grid: int = 3, dim: int = 16, **kwargs) -> AttentionModel:
+    torch.manual_seed(0)
+    config = ModelConfig(**{"vocab_size": 30, "feature_dim": dim, "embed_dim": 8, "hidden_dim": 24,
+                            "decoder": "attention", "grid": grid, **kwargs})
+    return create_model(config).eval()
+
+
+def captions_of(lengths: list[int]) -> torch.Tensor:
+    """<start> w.. <end> <pad>.. with random words 4..29."""
+    gen = torch.Generator().manual_seed(1)
+    out = torch.zeros(len(lengths), max(lengths) + 2, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        out[i, 0], out[i, n + 1] = 1, 2
+        out[i, 1:n + 1] = torch.randint(4, 30, (n,), generator=gen)
+    return out
+
+
+def test_config_selects_the_decoder_and_keeps_show_and_tell_records_as_they_were():
+    model = make_model()
+    assert isinstance(model, AttentionModel)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == AttentionModel.state_shapes(model.config)
+    assert ModelConfig.from_dict(model.config.to_dict()) == model.config
+    assert model.config.to_dict()["decoder"] == "attention" and model.config.to_dict()["grid"] == 3
+    plain = ModelConfig(vocab_size=30, feature_dim=16)
+    assert "decoder" not in plain.to_dict() and "grid" not in plain.to_dict()  # the record older showtells wrote
+    assert isinstance(create_model(plain), CaptionModel)
+    for bad, message in [({"grid": None}, "grid must be an integer from 1 to 64"),
+                         ({"grid": 3, "num_layers": 2}, "one LSTM layer"),
+                         ({"decoder": "transformer"}, "decoder must be show-and-tell or attention")]:
+        with pytest.raises(ShowtellError, match=message):
+            ModelConfig(vocab_size=30, feature_dim=16, **{"decoder": "attention", **bad})
+    with pytest.raises(ShowtellError, match="decoder must be 'show-and-tell' or 'attention', got 'lstm'"):
+        TrainConfig(decoder="lstm")
+    with pytest.raises(ShowtellError, match="ensembles are of show-and-tell models"):
+        Ensemble(model.config, 2)
+
+
+def test_stepping_gives_the_teacher_forced_logits_so_decoding_matches_training():
+    model = make_model()
+    features, captions = torch.randn(4, 9, 16), captions_of([6, 2, 4, 1])
+    with torch.no_grad():
+        logits = model(features, captions)
+        state = model.init_state(features)
+        assert [tuple(s.shape) for s in state] == [(1, 4, 24), (1, 4, 24), (9, 4, 16), (9, 4, 24)]  # batch in dim 1
+        stepped = []
+        for t in range(captions.shape[1] - 1):
+            step_logits, state = model.step(captions[:, t], state)
+            stepped.append(step_logits)
+    torch.testing.assert_close(torch.stack(stepped, dim=1), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_and_beam_search_run_over_it_and_maps_say_where_each_word_looked():
+    model = make_model()
+    with torch.no_grad():  # sharper weights: captions that differ per image
+        for p in model.parameters():
+            p.mul_(4)
+    features = torch.randn(5, 9, 16) * 3
+    greedy = decode(model, features, DecodingOptions(beam_size=1, max_length=8))
+    beam1 = decode(model, features, DecodingOptions(beam_size=1, max_length=8))
+    beam = decode(model, features, DecodingOptions(beam_size=4, max_length=8, num_return=4))
+    assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam1]
+    assert all(len(h) == 4 for h in beam) and len({tuple(h[0].tokens) for h in beam}) > 1
+    assert all(h[0].score >= g[0].score - 1e-5 for h, g in zip(beam, greedy))  # beam finds no worse captions
+    # the maps are those the words were chosen with: replaying them step by step gives the same alphas
+    tokens = [h[0].tokens for h in beam]
+    maps = model.attention_maps(features, tokens)
+    for i, (toks, grid) in enumerate(zip(tokens, maps)):
+        assert grid.shape == (len(toks), 3, 3)
+        torch.testing.assert_close(grid.sum((1, 2)), torch.ones(len(toks)))
+        a, keys, h, c = model._start(features[i:i + 1])
+        for t, word in enumerate([1, *toks[:-1]]):
+            alpha, h, c = model._advance(torch.tensor([word]), a, keys, h, c)
+            torch.testing.assert_close(alpha.view(3, 3), grid[t])
+
+
+def test_loss_adds_the_doubly_stochastic_regularisation_and_training_learns():
+    model = make_model()
+    features, captions = torch.randn(4, 9, 16), captions_of([6, 2, 4, 1])
+    logits = model(features, captions)
+    targets = captions[:, 1:]
+    mask = targets != 0
+    xe = F.cross_entropy(logits[mask], targets[mask])
+    _, alphas = model._run(features, captions)
+    coverage = (alphas * mask.unsqueeze(2)).sum(1)  # [4, 9]: each position's total attention over the words
+    torch.testing.assert_close(model.loss(features, captions), xe + ATTENTION_REG * ((1 - coverage) ** 2).mean())
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model.loss(features, captions)
+    first.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n != "embed.weight")  # attention, gate and init layers all learn
+    for _ in range(60):
+        opt.zero_grad()
+        model.loss(features, captions).backward()
+        opt.step()
+    assert model.loss(features, captions).item() < 0.5 * first.item()
+
+
+def test_pooled_features_are_refused_not_silently_used():
+    model = make_model()
+    for features in (torch.randn(2, 16), torch.randn(2, 4, 16)):  # pooled; a map of another grid
+        with pytest.raises(ShowtellError, match=r"reads feature maps \[images, 9, 16\] \(3 x 3 positions\), got "):
+            decode(model, features)
+
+
+@pytest.fixture(scope="module")
+def attention_checkpoint(tmp_path_factory):
+    """A tiny attention checkpoint on efficientnet_lite0's 7 x 7 x 1280 map, with sharpened random weights."""
+    info = encoder_info("efficientnet_lite0")
+    vocab = Vocabulary.build(["a cat sits on a mat", "a dog runs on the grass", "a man rides a bike"], min_count=1)
+    model = make_model(grid=info["grid"], dim=info["feature_dim"], vocab_size=len(vocab))
+    path = tmp_path_factory.mktemp("att") / "att.safetensors"
+    save_checkpoint(path, model, vocab, "efficientnet_lite0", info["preprocess"], meta={"name": "att"})
+    return path
+
+
+def test_checkpoint_round_trips_and_a_grid_that_disagrees_with_the_encoder_is_refused(attention_checkpoint,
+                                                                                       tmp_path):
+    ckpt = load_checkpoint(attention_checkpoint)
+    assert isinstance(ckpt.model, AttentionModel) and ckpt.model.config.grid == 7
+    original = make_model(grid=7, dim=1280, vocab_size=len(ckpt.vocab))  # the weights that were saved
+    features, tokens = torch.randn(2, 49, 1280), torch.tensor([1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model.step(tokens, ckpt.model.init_state(features))[0],
+                                   original.step(tokens, original.init_state(features))[0])
+    wrong = ModelConfig(**{**ckpt.model.config.to_dict(), "grid": 9})  # lite2's grid on a lite0 checkpoint
+    bad = tmp_path / "bad.safetensors"
+    save_checkpoint(bad, create_model(wrong), ckpt.vocab, "efficientnet_lite0", ckpt.preprocess)
+    with pytest.raises(CheckpointError, match="attends over a 9 x 9 x 1280 feature map, but encoder "
+                                              "efficientnet_lite0 gives 7 x 7 x 1280"):
+        load_checkpoint(bad)
+    run = subprocess.run([sys.executable, "-m", "showtell", "caption", "--model", bad, "nothing.jpg"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"showtell: error: {bad}: the attention decoder attends over a 9 x 9 x "
+                                               "1280 feature map, but encoder efficientnet_lite0 gives 7 x 7 x 1280"]
+
+
+def test_python_api_returns_a_map_for_every_word(attention_checkpoint, photos):
+    import numpy as np
+
+    import showtell
+
+    captioner = showtell.load(attention_checkpoint, device="cpu")
+    assert captioner.spatial and captioner.precision == "fp32"
+    results = captioner.caption(sorted(photos.iterdir()), beam_size=3, tags=2)
+    for r in results:
+        assert r.ok and r.attention is not None and len(r.tags) == 2
+        assert [w for w, _ in r.attention] == r.caption.split()
+        for _, grid in r.attention:
+            assert grid.shape == (7, 7) and abs(float(grid.sum()) - 1) < 1e-4 and (grid >= 0).all()
+        assert "attention" not in r.to_dict()  # the JSON lines stay as they are
+    assert not np.allclose(results[0].attention[0][1], results[1].attention[0][1])  # maps differ per photo
