@@ -424,6 +424,8 @@ _TRAIN_HELP = {
     "dropout": "dropout on the word embeddings and the LSTM output, 0 to <1",
     "image_dropout": "dropout on the projected image feature, 0 to <1 (default: the same as --dropout)",
     "batch_norm": "BatchNorm after the image projection (the shipped recipe turns it on)",
+    "decoder": "show-and-tell (the pooled image starts the LSTM) or attention (Show, Attend and Tell: soft attention "
+               "over the encoder's feature map at every word; trains on spatial feature caches)",
     "init": "start from this checkpoint (a model or ensemble) instead of random weights; its vocabulary and model "
             "sizes replace the settings'",
     "epochs": "most cross-entropy epochs (training stops earlier by --patience); 0 with --init: only the "
