@@ -171,3 +171,47 @@ def test_python_api_returns_a_map_for_every_word(attention_checkpoint, photos):
             assert grid.shape == (7, 7) and abs(float(grid.sum()) - 1) < 1e-4 and (grid >= 0).all()
         assert "attention" not in r.to_dict()  # the JSON lines stay as they are
     assert not np.allclose(results[0].attention[0][1], results[1].attention[0][1])  # maps differ per photo
+
+
+def test_overlay_lights_where_the_word_looked(photos):
+    import numpy as np
+    from PIL import Image
+
+    from showtell.overlay import attention_figure, center_crop, overlay
+
+    grey = Image.new("RGB", (200, 100), (200, 200, 200))
+    assert center_crop(grey).size == (100, 100) and center_crop(grey, 0.875).size == (88, 88)
+    corner = np.zeros((7, 7), dtype=np.float32)
+    corner[0, 0] = 1.0  # all attention on the top-left position
+    lit = np.asarray(overlay(grey, corner, 70), dtype=np.float32)
+    assert lit[:5, :5].mean() > 190 and lit[-10:, -10:].mean() == pytest.approx(200 * 0.25, abs=1)
+    uniform = np.asarray(overlay(grey, np.full((7, 7), 1 / 49), 70), dtype=np.float32)
+    assert np.abs(uniform - 200).max() <= 1  # looking everywhere alike dims nothing
+    sheet = attention_figure(sorted(photos.iterdir())[0], [("a", corner), ("cat", corner.T)], size=64, per_row=5)
+    assert sheet.size == (3 * 70 + 6, 64 + 22 + 12)  # the photo and two words in one row
+
+
+@pytest.mark.slow
+def test_trained_from_the_cli_and_its_gallery_shows_each_word_over_the_photo(flickr8k, feature_cache, tmp_path,
+                                                                                photos):
+    def showtell_cli(*args):
+        return subprocess.run([sys.executable, "-m", "showtell", *map(str, args)], capture_output=True, text=True)
+
+    out = tmp_path / "att"
+    run = showtell_cli("train", "--dataset", "flickr8k", "--root", flickr8k, "--decoder", "attention", "--limit", 40,
+                       "--epochs", 1, "--encoder", "efficientnet_lite0", "--hidden-dim", 32, "--embed-dim", 16,
+                       "--eval-max-length", 8, "--cache-dir", feature_cache, "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr
+    ckpt = load_checkpoint(out / "best.safetensors")
+    assert isinstance(ckpt.model, AttentionModel) and ckpt.meta["config"]["decoder"] == "attention"
+    caches = [p.name for p in feature_cache.iterdir()]
+    assert any(name.startswith("efficientnet_lite0-spatial-flip-") for name in caches)  # the train split's maps
+    page = tmp_path / "g.html"
+    run = showtell_cli("caption", "--model", out / "best.safetensors", photos, "--html", page, "--tags", 0)
+    assert run.returncode == 0, run.stderr
+    captions = [line.split("\t")[1] for line in run.stdout.strip().splitlines()]
+    html = page.read_text()
+    words = sum(len(c.split()) for c in captions)
+    assert words and html.count('alt="where it looked for ') == words
+    run = showtell_cli("caption", "--model", out / "best.safetensors", photos, "--html", page, "--no-attention")
+    assert run.returncode == 0 and "where it looked" not in page.read_text()

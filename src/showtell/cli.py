@@ -382,6 +382,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             if r.caption is not None or args.format == "jsonl":
                 _write(out, _result_line(r, args.format))
             if args.html:
+                if not args.attention:
+                    r.attention = None
                 gallery.append(r)
     finally:
         if out is not sys.stdout:
@@ -401,7 +403,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         from showtell.report import write_gallery
 
         try:
-            write_gallery(args.html, gallery)
+            crop = captioner.preprocess.crop_pct if args.runtime == "torch" else 1.0
+            write_gallery(args.html, gallery, crop_pct=crop)
         except OSError as e:
             raise ShowtellError(f"{args.html}: cannot write the gallery ({e.strerror}); the captions were "
                                 "written") from None
@@ -621,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(with the number of processes that wrote them)")
     cap.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery (after the results); "
                      "an existing FILE is replaced only if it is a showtell gallery")
+    cap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
+                     help="with a model of --decoder attention, the gallery shows each word of a caption over the "
+                          "photo, lit where the model looked for it (default on; --no-attention: captions only)")
     cap.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
                      help="replace a doubtful caption that a sure ImageNet tag contradicts by one about the tag, the "
                           "model's own kept as model_caption (default on; --no-grounding: always the model's own)")

@@ -1,4 +1,5 @@
-"""A self-contained HTML gallery of captioned photos: one file, thumbnails embedded, no external URLs."""
+"""A self-contained HTML gallery of captioned photos: one file, thumbnails embedded, no external URLs. A result of
+an attention decoder also shows, for each word, the photo with that word's attention map over it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ figure img { display: block; max-width: 100%; margin: 0 auto .5rem; border-radiu
 .score, ol { color: #6b6b73; font-size: .85rem; }
 .error { color: #b42318; font-weight: 600; }
 .tags { display: flex; flex-wrap: wrap; gap: .3rem; margin: .3rem 0; padding: 0; list-style: none; }
+.words { display: flex; flex-wrap: wrap; gap: .25rem; margin: .4rem 0; }
+.words figure { padding: 0; border: 0; text-align: center; font-size: .75rem; color: #3d3d44; }
+.words img { width: 72px; height: 72px; margin: 0 auto .1rem; border-radius: 4px; }
 .tags li { padding: 0 .45rem; border: 1px solid #d9d9de; border-radius: 999px; background: #f1f3f7;
            color: #6b6b73; font-size: .75rem; }
 """
@@ -40,12 +44,29 @@ def thumbnail_data_uri(src: ImageInput, size: int = THUMBNAIL_PX) -> str | None:
     except ImageError:
         return None
     img.thumbnail((size, size))
+    return _jpeg_uri(img)
+
+
+def _jpeg_uri(img) -> str:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(result: Any) -> str:
+def _words(result: Any, crop_pct: float) -> str:
+    """Each word of the caption over the photo, lit where the attention decoder looked for it."""
+    from showtell.overlay import word_overlays
+
+    try:
+        tiles = word_overlays(result.image, result.attention, size=144, crop_pct=crop_pct)
+    except ImageError:
+        return ""
+    figures = "".join(f'<figure><img src="{_jpeg_uri(img)}" alt="where it looked for {escape(word)}">'
+                      f"{escape(word)}</figure>" for word, img in tiles)
+    return f'<div class="words">{figures}</div>'
+
+
+def _figure(result: Any, crop_pct: float = 1.0) -> str:
     name = escape(display_name(str(result.image)))  # a file name that is not UTF-8 shows its odd bytes as \xNN
     parts = ["<figure>"]
     uri = thumbnail_data_uri(result.image) if isinstance(result.image, (str, os.PathLike)) else None
@@ -60,6 +81,8 @@ def _figure(result: Any) -> str:
                      f' <span class="score">({result.score:.2f})</span>'
                      + ("" if confidence is None else f' <span class="score">confidence {confidence:.0%}</span>')
                      + "</div>")
+        if getattr(result, "attention", None) and isinstance(result.image, (str, os.PathLike)):
+            parts.append(_words(result, crop_pct))
         if getattr(result, "model_caption", None):  # a sure tag overruled the model's own caption
             parts.append(f'<div class="score">the model\'s own caption: {escape(result.model_caption)}</div>')
         tags = getattr(result, "tags", None)
@@ -74,19 +97,21 @@ def _figure(result: Any) -> str:
     return "".join(parts)
 
 
-def render_gallery(results: Iterable[Any], title: str = "showtell captions") -> str:
+def render_gallery(results: Iterable[Any], title: str = "showtell captions", crop_pct: float = 1.0) -> str:
     """The gallery page as a string (results are CaptionResult-like: image, caption, score, alternatives, error, and
-    optionally tags and confidence)."""
-    figures = "\n".join(_figure(r) for r in results)
+    optionally tags, confidence and attention maps, drawn on the square the encoder saw: ``crop_pct`` of the
+    shorter side)."""
+    figures = "\n".join(_figure(r, crop_pct) for r in results)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">{GENERATOR}'
             f"<title>{escape(title)}</title><style>{_STYLE}</style></head>\n"
             f'<body><h1>{escape(title)}</h1>\n<div class="grid">\n{figures}\n</div></body></html>\n')
 
 
-def write_gallery(path: str | os.PathLike, results: Iterable[Any], title: str = "showtell captions") -> None:
+def write_gallery(path: str | os.PathLike, results: Iterable[Any], title: str = "showtell captions",
+                  crop_pct: float = 1.0) -> None:
     """Write the gallery to ``path`` atomically (a reader never sees half a file)."""
-    atomic_write_text(path, render_gallery(results, title))
+    atomic_write_text(path, render_gallery(results, title, crop_pct))
 
 
 def is_gallery(path: str | os.PathLike) -> bool:
