@@ -129,6 +129,9 @@ def attention_checkpoint(tmp_path_factory):
     info = encoder_info("efficientnet_lite0")
     vocab = Vocabulary.build(["a cat sits on a mat", "a dog runs on the grass", "a man rides a bike"], min_count=1)
     model = make_model(grid=info["grid"], dim=info["feature_dim"], vocab_size=len(vocab))
+    with torch.no_grad():  # larger weights: captions that differ per photo
+        for p in model.parameters():
+            p.mul_(3)
     path = tmp_path_factory.mktemp("att") / "att.safetensors"
     save_checkpoint(path, model, vocab, "efficientnet_lite0", info["preprocess"], meta={"name": "att"})
     return path
@@ -139,6 +142,9 @@ def test_checkpoint_round_trips_and_a_grid_that_disagrees_with_the_encoder_is_re
     ckpt = load_checkpoint(attention_checkpoint)
     assert isinstance(ckpt.model, AttentionModel) and ckpt.model.config.grid == 7
     original = make_model(grid=7, dim=1280, vocab_size=len(ckpt.vocab))  # the weights that were saved
+    with torch.no_grad():
+        for p in original.parameters():
+            p.mul_(3)
     features, tokens = torch.randn(2, 49, 1280), torch.tensor([1, 1])
     with torch.no_grad():
         torch.testing.assert_close(ckpt.model.step(tokens, ckpt.model.init_state(features))[0],
@@ -215,3 +221,24 @@ def test_trained_from_the_cli_and_its_gallery_shows_each_word_over_the_photo(fli
     assert words and html.count('alt="where it looked for ') == words
     run = showtell_cli("caption", "--model", out / "best.safetensors", photos, "--html", page, "--no-attention")
     assert run.returncode == 0 and "where it looked" not in page.read_text()
+
+
+def test_onnx_export_matches_torch_and_captions_alike(attention_checkpoint, photos, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from showtell.captioner import load
+    from showtell.export import TOLERANCE, export_onnx
+    from showtell.onnx_runtime import load_onnx
+
+    record = export_onnx(attention_checkpoint, tmp_path / "onnx", quiet=True)
+    assert record["model"]["decoder"] == "attention" and record["model"]["grid"] == 7
+    assert all(record["parity"][k] <= TOLERANCE[k] for k in TOLERANCE)  # max |onnxruntime - torch| per graph
+    onnx = load_onnx(tmp_path / "onnx")
+    assert [i.name for i in onnx.sessions["decoder_step"].get_inputs()] == ["tokens", "h_in", "c_in", "map_in",
+                                                                           "keys_in"]
+    images = sorted(photos.iterdir())
+    torch_results = load(attention_checkpoint, device="cpu").caption(images, beam_size=3, tags=3)
+    onnx_results = onnx.caption(images, beam_size=3, tags=3)
+    assert len({r.caption for r in torch_results}) > 1  # captions that differ per photo, so the match means something
+    for t, o in zip(torch_results, onnx_results):
+        assert o.caption == t.caption and o.score == pytest.approx(t.score, abs=1e-4)
+        assert [label for label, _ in o.tags] == [label for label, _ in t.tags]  # the tagger reads the pooled map

@@ -6,6 +6,10 @@
     tagger.onnx         features [B, D]                             -> probs [B, 1000] (ImageNet classes)
     showtell_onnx.json  vocabulary, special ids, preprocessing, model and encoder names, the classes' lemmas
 
+An attention decoder (showtell.attention) exports the same way with a larger state: encoder.onnx gives the feature
+map [B, L, D], the decoder's state is h, c, map [L, B, D] and keys [L, B, hidden] (map and keys pass through the
+step unchanged), and tagger.onnx reads the map and pools it.
+
 tagger.onnx is there when the encoder has a usable ImageNet head (showtell.tags); otherwise the JSON's
 ``tags_note`` says why not. The batch dimension is dynamic in all graphs. Every graph is checked with
 ``onnx.checker`` and run with onnxruntime on random input against the PyTorch modules; the largest absolute
@@ -42,9 +46,8 @@ class _Init(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        h, c = self.model.init_state(features)
-        return h, c
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.model.init_state(features))
 
 
 class _Step(nn.Module):
@@ -52,9 +55,31 @@ class _Step(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits, (h, c) = self.model.step(tokens, (h, c))
-        return torch.log_softmax(logits.float(), dim=-1), h, c
+    def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        logits, state = self.model.step(tokens, tuple(state))
+        return (torch.log_softmax(logits.float(), dim=-1), *state)
+
+
+class _FeatureMap(nn.Module):
+    """The encoder's feature map [B, L, D], for an attention decoder."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder.feature_map(images)
+
+
+class _PooledTagger(nn.Module):
+    """The tagger on the mean of a feature map (the pooled features it was made for)."""
+
+    def __init__(self, tagger: nn.Module):
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.tagger(features.mean(1))
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
@@ -100,8 +125,6 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     if out.exists() and not out.is_dir():
         raise ShowtellError(f"{out}: exists and is not a directory")
     captioner = load(model, precision="fp32")  # the export is of the fp32 encoder
-    if captioner.spatial:
-        raise ShowtellError(f"ONNX export of the {captioner.model.config.decoder} decoder is not supported yet")
     out.mkdir(parents=True, exist_ok=True)
     ckpt, encoder, decoder = captioner.checkpoint, captioner.encoder.cpu().eval(), captioner.model.cpu().eval()
     config, pre, vocab = decoder.config, captioner.preprocess, captioner.vocab
@@ -113,30 +136,32 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     # export with batch 2, check with batch 3: the batch dimension must really be dynamic
     say(f"exporting encoder {ckpt.encoder} -> {paths['encoder']}")
     images = torch.randn(2, 3, pre.size, pre.size, generator=gen)
-    _export(encoder, (images,), paths["encoder"], ["images"], ["features"], {"images": 0, "features": 0}, opset)
+    features = _FeatureMap(encoder).eval() if config.spatial else encoder  # an attention decoder reads the map
+    _export(features, (images,), paths["encoder"], ["images"], ["features"], {"images": 0, "features": 0}, opset)
     images = torch.randn(3, 3, pre.size, pre.size, generator=gen)
     with torch.inference_mode():
-        feats = encoder(images)
+        feats = features(images)
     parity["encoder"] = _max_diff(paths["encoder"], {"images": images.numpy()}, [feats])
 
     say(f"exporting decoder -> {paths['decoder_init']}, {paths['decoder_step']}")
-    state_dims = {"h": 1, "c": 1}
+    names = ["h", "c", "map", "keys"] if config.spatial else ["h", "c"]  # the state, each with the batch in dim 1
+    inputs = [f"{n}_in" for n in names]
     init, step = _Init(decoder).eval(), _Step(decoder).eval()
-    _export(init, (torch.randn(2, config.feature_dim, generator=gen),), paths["decoder_init"], ["features"],
-            ["h", "c"], {"features": 0, **state_dims}, opset)
+    _export(init, (torch.randn(2, *feats.shape[1:], generator=gen),), paths["decoder_init"], ["features"],
+            names, {"features": 0, **dict.fromkeys(names, 1)}, opset)
     with torch.inference_mode():
-        h, c = init(feats)
-    parity["decoder_init"] = _max_diff(paths["decoder_init"], {"features": feats.numpy()}, [h, c])
+        state = init(feats)
+    parity["decoder_init"] = _max_diff(paths["decoder_init"], {"features": feats.numpy()}, list(state))
 
-    hidden = (h.shape[0], 2, h.shape[2])  # [layers (all members' for an ensemble), batch, hidden]
-    example = (torch.tensor([vocab.start_id, 5 % config.vocab_size]), torch.randn(*hidden, generator=gen),
-               torch.randn(*hidden, generator=gen))
-    _export(step, example, paths["decoder_step"], ["tokens", "h_in", "c_in"], ["logprobs", "h", "c"],
-            {"tokens": 0, "h_in": 1, "c_in": 1, "logprobs": 0, **state_dims}, opset)
+    # state of batch 2: [layers (all members' for an ensemble) or positions, batch, size]
+    example = (torch.tensor([vocab.start_id, 5 % config.vocab_size]),
+               *(torch.randn(s.shape[0], 2, *s.shape[2:], generator=gen) for s in state))
+    _export(step, example, paths["decoder_step"], ["tokens", *inputs], ["logprobs", *names],
+            {"tokens": 0, "logprobs": 0, **dict.fromkeys(inputs + names, 1)}, opset)
     tokens = torch.randint(0, config.vocab_size, (3,), generator=gen)
     with torch.inference_mode():
-        expected = step(tokens, h, c)
-    feeds = {"tokens": tokens.numpy(), "h_in": h.numpy(), "c_in": c.numpy()}
+        expected = step(tokens, *state)
+    feeds = {"tokens": tokens.numpy(), **{n: s.numpy() for n, s in zip(inputs, state)}}
     parity["decoder_step"] = _max_diff(paths["decoder_step"], feeds, list(expected))
 
     files, tagger = dict(FILES), captioner.tagger
@@ -144,10 +169,11 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
         files["tagger"] = TAGGER_FILE
         say(f"exporting tagger ({tagger.rule} of {', '.join(tagger.names)}) -> {out / TAGGER_FILE}")
         tagger = tagger.cpu().eval()
-        _export(tagger, (torch.randn(2, config.feature_dim, generator=gen),), out / TAGGER_FILE, ["features"],
+        graph = _PooledTagger(tagger).eval() if config.spatial else tagger
+        _export(graph, (torch.randn(2, *feats.shape[1:], generator=gen),), out / TAGGER_FILE, ["features"],
                 ["probs"], {"features": 0, "probs": 0}, opset)
         with torch.inference_mode():
-            probs = tagger(feats)
+            probs = graph(feats)
         parity["tagger"] = _max_diff(out / TAGGER_FILE, {"features": feats.numpy()}, [probs])
 
     for name, diff in parity.items():

@@ -30,7 +30,7 @@ CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module
 FORMAT, FORMAT_VERSION = "showtell-onnx", 1
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
-State = tuple[np.ndarray, np.ndarray]  # (h, c), each [layers, B, hidden]
+State = tuple[np.ndarray, ...]  # (h, c), each [layers, B, hidden]; an attention decoder's also map and keys
 
 
 @dataclass
@@ -201,18 +201,19 @@ class OnnxCaptioner(BatchCaptioning):
         return preprocess(img, **self.pre)
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        """Normalized images [B, 3, S, S] -> encoder features [B, D]."""
+        """Normalized images [B, 3, S, S] -> encoder features [B, D] (an attention decoder's: maps [B, L, D])."""
         return self.sessions["encoder"].run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
 
     def _init(self, features: np.ndarray) -> State:
-        h, c = self.sessions["decoder_init"].run(None, {"features": features.astype(np.float32, copy=False)})
-        return h, c
+        return tuple(self.sessions["decoder_init"].run(None, {"features": features.astype(np.float32, copy=False)}))
 
     def _step(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        feeds = {"tokens": tokens.astype(np.int64, copy=False), "h_in": np.ascontiguousarray(state[0]),
-                 "c_in": np.ascontiguousarray(state[1])}
-        logprobs, h, c = self.sessions["decoder_step"].run(None, feeds)
-        return logprobs, (h, c)
+        session = self.sessions["decoder_step"]
+        names = [i.name for i in session.get_inputs()[1:]]  # after tokens: the state, as decoder_init gives it
+        feeds = {"tokens": tokens.astype(np.int64, copy=False),
+                 **{name: np.ascontiguousarray(s) for name, s in zip(names, state, strict=True)}}
+        logprobs, *state = session.run(None, feeds)
+        return logprobs, tuple(state)
 
     def caption_features(self, feats: np.ndarray, beam_size: int = 3, max_length: int = 20, num_return: int = 1,
                          length_penalty: float | None = None,
