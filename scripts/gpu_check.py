@@ -148,7 +148,8 @@ def check(args: argparse.Namespace) -> dict:
     root = data / "flickr8k"
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": site_path(data, work), "PYTHONUNBUFFERED": "1"}
+    # OMP_WAIT_POLICY as the CLI sets it: idle torch threads sleep instead of spinning on cores the loaders need
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": site_path(data, work), "PYTHONUNBUFFERED": "1"}
     py, cache = sys.executable, str(work / "cache")
     n_train = len((root / TEXT / "Flickr_8k.trainImages.txt").read_text().split())
     captions = 5 * n_train
@@ -281,6 +282,7 @@ def stage_caption(args: argparse.Namespace) -> dict:
 
     results: list = []
     seconds = timed(lambda: results.extend(captioner.caption(work, batch_size=args.batch_size)))
+    threads = timed(lambda: captioner.caption(work, batch_size=args.batch_size, processes=False))
     chunks = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
     loaded: list = []
     load_s = timed(lambda: loaded.extend(torch.stack(x) for _, x in load_ahead(chunks, captioner.load)))
@@ -293,6 +295,8 @@ def stage_caption(args: argparse.Namespace) -> dict:
     n = len(work)
     return {"model": args.model if model else "shipped", "photos": n, "failed": failed, "batch_size": args.batch_size,
             "seconds": round(seconds, 2), "photos_per_s": round(n / seconds, 1),
+            "loading": "processes" if captioner.load_in_processes() else "threads",
+            "photos_per_s_threads": round(n / threads, 1),
             "parts_photos_per_s": {"load": round(n / load_s, 1), "encode": round(n / encode_s, 1),
                                    "decode": round(n / decode_s, 1)},
             "mean_words": round(words, 2), "example": results[0].caption}

@@ -263,3 +263,23 @@ def test_ensemble_cli_folds_checkpoints_into_one_that_captions(tiny_checkpoint, 
     # the ensemble's metadata holds each member's record, not the first member's as its own
     assert "metrics" not in folded.meta and "training" not in folded.meta
     assert folded.meta["members"][1]["training"] == {"seed": 3}
+
+
+def test_photos_decoded_in_processes_caption_as_in_threads(tiny_checkpoint, photos):
+    """Where a GPU runs the model photos decode in processes (threads shared the interpreter lock with the captioner);
+    same captions, same per-image errors, every input type (a memoryview goes over as its bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    captioner = showtell.load(tiny_checkpoint, device="cpu")
+    assert not captioner.load_in_processes()  # the default on a CPU: threads
+    raw = (photos / "coffee.jpg").read_bytes()
+    inputs = [photos / "chelsea.jpg", memoryview(raw), raw, Image.open(photos / "rocket.jpg"),
+              np.asarray(Image.open(photos / "astronaut.jpg")), b"junk", photos / "missing.jpg",
+              str(photos / "coffee.jpg")]
+    threads = captioner.caption(inputs, batch_size=3, processes=False)
+    processes = captioner.caption(inputs, batch_size=3, processes=True)
+    assert [(r.caption, r.score, r.error) for r in processes] == [(r.caption, r.score, r.error) for r in threads]
+    assert [r.ok for r in processes] == [True] * 5 + [False] * 2 + [True]
+    with pytest.raises(TypeError, match="an image must be"):
+        captioner.caption([photos / "chelsea.jpg", 3.5], processes=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -85,6 +86,12 @@ class Captioner(BatchCaptioning):
 
     def _load(self, src: ImageInput) -> torch.Tensor | str:
         return prepare(src, self.transform)
+
+    def picklable_load(self):
+        return functools.partial(prepare, transform=self.transform)
+
+    def load_in_processes(self) -> bool:
+        return self.device.type == "cuda"
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         from showtell.encoders import encode

@@ -8,11 +8,12 @@ memory stays bounded whatever the length of the input.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -29,6 +30,23 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_WORKERS))
 
 
+def process_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """Processes that decode photos, for :func:`load_ahead`'s ``pool``: where a GPU runs the model, decoding threads
+    and the captioner's own Python share one interpreter lock, which held a GPU to a fraction of its speed. Forked,
+    as torch's DataLoader does (no re-import of the caller's script, no start-up cost), all at once, here: before the
+    loader's threads exist. Each computes in one thread and never touches the GPU."""
+    pool = ProcessPoolExecutor(max_workers=workers or default_workers(), mp_context=multiprocessing.get_context("fork"),
+                               initializer=_one_thread)
+    pool.submit(int).result()  # with fork, the first task starts every process
+    return pool
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class _End:
     """The source is exhausted (``error`` None) or raised ``error``."""
 
@@ -37,14 +55,17 @@ class _End:
 
 
 def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: int | None = None,
-               ahead: int = 1) -> Iterator[tuple[Sequence[T], list[U]]]:
+               ahead: int = 1, pool: Executor | None = None) -> Iterator[tuple[Sequence[T], list[U]]]:
     """Each batch of ``batches`` with ``load`` applied to its items, in order. The items of a batch load in
-    ``workers`` threads (default :func:`default_workers`), and the next ``ahead`` batches start loading while
-    the caller works on this one (0: a batch starts loading when it is asked for). An exception raised by
+    ``workers`` threads (default :func:`default_workers`), or in ``pool`` (the caller's, e.g. a
+    :func:`process_pool`; then ``load`` and the items must pickle), and the next ``ahead`` batches start loading
+    while the caller works on this one (0: a batch starts loading when it is asked for). An exception raised by
     ``load`` or by the source is raised here, after the batches before it."""
     if ahead < 0:
         raise ValueError(f"ahead must be >= 0, got {ahead}")
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="showtell-load")
+    own = pool is None
+    if own:
+        pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="showtell-load")
     slots = threading.Semaphore(ahead + 1)  # the batch the caller holds, and those loading ahead of it
     ready: queue.Queue[tuple[Sequence[T], list[Future]] | _End] = queue.Queue()
     closed = threading.Event()
@@ -69,7 +90,8 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
     finally:
         closed.set()
         slots.release()  # wakes the feeder if it waits for a slot; it then stops
-        pool.shutdown(wait=False, cancel_futures=True)
+        if own:  # the caller's pool goes on (loads already started for batches nobody takes just finish)
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _acquired(batches: Iterable[Sequence[T]], slots: threading.Semaphore, closed: threading.Event) -> Iterator:
@@ -83,3 +105,4 @@ def _acquired(batches: Iterable[Sequence[T]], slots: threading.Semaphore, closed
         if batch is None:
             return
         yield batch
+

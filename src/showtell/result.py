@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from showtell.errors import ShowtellError
 from showtell.images import ImageInput, check_image_input, describe, is_image_input
-from showtell.loader import load_ahead
+from showtell.loader import load_ahead, process_pool
 
 T = TypeVar("T")
 
@@ -100,6 +100,26 @@ class BatchCaptioning:
 
     def _describe(self, stacked: Any, options: Any, tags: int) -> list[Described]: ...
 
+    _process_pool = None
+
+    def picklable_load(self) -> Callable[[ImageInput], Any] | None:
+        """:meth:`load` as a function that pickles, for loading in processes; None where there is none."""
+        return None
+
+    def load_in_processes(self) -> bool:
+        """Whether photos decode in processes by default rather than threads (where a GPU runs the model)."""
+        return False
+
+    def _loader(self, processes: bool | None) -> tuple[Callable[[ImageInput], Any], Any]:
+        """The load function and the pool for :func:`load_ahead` (None: its own threads). The process pool is made
+        once and kept: starting its processes costs seconds."""
+        load = self.picklable_load()
+        if load is None or not (self.load_in_processes() if processes is None else processes):
+            return self.load, None
+        if self._process_pool is None:
+            self._process_pool = process_pool()
+        return load, self._process_pool
+
     def load(self, src: ImageInput) -> Any:
         """One image decoded and preprocessed for the model, or the message of what is wrong with it; TypeError for
         an input that is not an image. Thread-safe: :meth:`iter_caption` calls it from several threads."""
@@ -107,15 +127,19 @@ class BatchCaptioning:
 
     def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
                      batch_size: int = 16, num_return: int = 1, tags: int = 5, workers: int | None = None,
-                     ahead: int = 1, **decoding) -> Iterator[CaptionResult]:
+                     ahead: int = 1, processes: bool | None = None, **decoding) -> Iterator[CaptionResult]:
         """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
         that is not an image raises TypeError when its batch is reached (see :func:`showtell.images.load_image`).
         Each result also gets the ``tags`` most probable ImageNet classes (0: none). Images load in ``workers``
-        threads (default: one per core, at most 8); the next ``ahead`` batches load while one is captioned, so
+        threads (default: one per core, at most 8), or that many processes with ``processes`` (default: where a GPU
+        runs the model; then ``images`` must pickle); the next ``ahead`` batches load while one is captioned, so
         ``images`` is consumed at most that many batches ahead of the results (0: no overlap)."""
         check_tags(tags)
         options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
-        for batch, loaded in load_ahead(_chunks(images, batch_size), self.load, workers=workers, ahead=ahead):
+        load, pool = self._loader(processes)
+        if pool is not None:  # to another process: a memoryview does not pickle, its bytes do
+            images = (bytes(src) if isinstance(src, memoryview) else src for src in images)
+        for batch, loaded in load_ahead(_chunks(images, batch_size), load, workers=workers, ahead=ahead, pool=pool):
             yield from self._caption_loaded(batch, loaded, options, tags)
 
     def caption_loaded(self, batch: Sequence[ImageInput], loaded: Sequence[Any], beam_size: int = 3,
