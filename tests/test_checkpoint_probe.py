@@ -227,6 +227,21 @@ def test_bad_encoder_tensors_are_refused_at_load(tmp_path, parts, change, fragme
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
+def test_recorded_preprocessing_that_is_not_the_encoders_is_refused_at_load(tmp_path, parts, photos, capsys):
+    """A hand-edited record (valid numbers, but not the pixels the model's features were made of) is one line from
+    the API and the CLI, before the encoder is built."""
+    from showtell.cli import main
+
+    path = craft(tmp_path / "EDITED.safetensors", parts, pre(crop_pct=0.875, interpolation="bilinear"))
+    with pytest.raises(CheckpointError) as info:
+        showtell.load(path)
+    assert str(info.value) == (f"{path}: the recorded preprocessing is not that of encoder 'efficientnet_lite0': "
+                               "interpolation 'bilinear' (encoder: 'bicubic'), crop_pct 0.875 (encoder: 1.0)")
+    assert main(["caption", str(photos / "coffee.jpg"), "--model", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"showtell: error: {info.value}\n"
+
+
 @pytest.mark.parametrize("change, fragment", [
     (lambda c: {**c, "preprocess": {**c["preprocess"], "crop_pct": 1e-6}}, "crop_pct must be a number from 0.5 to 1"),
     (lambda c: {**c, "preprocess": {**c["preprocess"], "size": 20000}}, "size must be an integer from 1 to 1024"),

@@ -12,7 +12,6 @@ from PIL import Image
 from skimage import data as skdata
 
 from showtell.encoders import (
-    DEFAULT_ENCODER,
     Encoder,
     Preprocess,
     _load_paired_state_dict,
@@ -47,7 +46,6 @@ def _last_stage_prefixes(name: str) -> tuple[str, ...]:
 
 def test_registry_lists_six_encoders_with_their_preprocessing() -> None:
     assert list_encoders() == NAMES
-    assert DEFAULT_ENCODER == "efficientnet_lite2"
     info = encoder_info("efficientnet_lite2")
     assert info == json.loads(json.dumps(info))
     assert info["feature_dim"] == 1280 and info["offline"] is True
@@ -59,7 +57,28 @@ def test_registry_lists_six_encoders_with_their_preprocessing() -> None:
     assert pair["feature_dim"] == 2560 and pair["offline"] is True and pair["preprocess"] == info["preprocess"]
     res = encoder_info("resnet50")
     assert res["feature_dim"] == 2048 and res["offline"] is False
-    assert res["preprocess"]["crop_pct"] == 0.875 and res["preprocess"]["interpolation"] == "bilinear"
+    assert res["preprocess"] == {"size": 224, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+                                 "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}
+
+
+def test_registry_facts_are_the_libraries_and_it_imports_no_training_config() -> None:
+    """Size, interpolation, mean and std are timm's pretrained_cfg (EfficientNet-Lite) and torchvision's weight
+    transforms (ResNets), the feature size the built network's; the registry does not import showtell.config."""
+    import subprocess
+    import sys
+
+    import timm
+    import torchvision
+
+    for variant in (0, 2):
+        cfg = timm.get_pretrained_cfg(f"tf_efficientnet_lite{variant}")
+        pre = encoder_info(f"efficientnet_lite{variant}")["preprocess"]
+        assert (pre["size"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"])) == (
+            cfg.input_size[-1], cfg.interpolation, cfg.mean, cfg.std)
+    t = torchvision.models.ResNet152_Weights.IMAGENET1K_V1.transforms()
+    assert encoder_info("resnet152")["preprocess"]["crop_pct"] == t.crop_size[0] / t.resize_size[0]
+    code = "import sys, showtell.encoders; print('showtell.config' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"
 
 
 def test_unknown_name_lists_available_encoders() -> None:

@@ -39,7 +39,7 @@ class Captioner(BatchCaptioning):
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", encoder=None, ground: bool = True,
                  precision: str | None = None):
-        from showtell.encoders import ENCODER_BATCH, Preprocess, create_encoder
+        from showtell.encoders import ENCODER_BATCH, check_preprocessing, create_encoder
         from showtell.quantize import decoder_for, feature_encoder
         from showtell.tags import NoTags, create_tagger
 
@@ -47,6 +47,7 @@ class Captioner(BatchCaptioning):
         self.vocab = checkpoint.vocab
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
+        check_preprocessing(checkpoint.encoder, checkpoint.preprocess)  # the pixels its features were made of
         self.encoder = encoder or create_encoder(checkpoint.encoder)
         self.encoder_batch = ENCODER_BATCH  # images a pass through the encoder on the CPU
         tuned = checkpoint.tensors("encoder/")
@@ -76,7 +77,7 @@ class Captioner(BatchCaptioning):
             self.precision, self.feature_encoder = feature_encoder(self.encoder, precision, self.device)
             self.decoder = decoder_for(self.model, self.precision, self.device)  # the model, or in bf16 with int8
         self.grounding = self._grounding(checkpoint, ground)
-        self.preprocess = Preprocess.from_dict(checkpoint.preprocess)
+        self.preprocess = self.encoder.preprocess  # the registry's: one source with training and the feature cache
         self.transform = self.preprocess.transform(train=False)
         self.name = str(checkpoint.meta.get("name", checkpoint.encoder))
 

