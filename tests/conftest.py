@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -13,16 +14,41 @@ def flickr8k_root() -> Path:
     return Path(os.environ.get("SHOWTELL_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
 
+def missing(why: str) -> NoReturn:
+    """What a test needs (data, Java, chromium, the built-in model) is not here: the test fails in CI (CI=true), where
+    everything is installed, and is skipped elsewhere; pytest prints ``why`` either way (-rs in pyproject.toml)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def flickr8k() -> Path:
-    """The shared Flickr8k folder. Missing data fails the test in CI and skips it elsewhere."""
+    """The shared Flickr8k folder."""
     root = flickr8k_root()
     if not (root / "Flickr8k_text" / "Flickr8k.token.txt").is_file():
-        msg = f"Flickr8k not found at {root} (set SHOWTELL_FLICKR8K)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"Flickr8k not found at {root} (set SHOWTELL_FLICKR8K)")
     return root
+
+
+@pytest.fixture(scope="session")
+def java() -> None:
+    """Java on PATH: pycocoevalcap's PTB tokenizer and METEOR run it."""
+    from showtell.metrics import java_available
+
+    if not java_available():
+        missing("no Java on PATH (pycocoevalcap's PTB tokenizer and METEOR; apt-get install default-jre-headless)")
+
+
+@pytest.fixture(scope="session")
+def builtin_model() -> Path:
+    """The model shipped in the package (src/showtell/weights/flickr8k.safetensors)."""
+    from showtell.captioner import DEFAULT_MODEL, WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / f"{DEFAULT_MODEL}.safetensors"
+    if not path.is_file():
+        missing(f"the built-in model is not in this install ({path})")
+    return path
 
 
 @pytest.fixture(scope="session")

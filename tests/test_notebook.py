@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from showtell.captioner import DEFAULT_MODEL, WEIGHTS_DIR
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
@@ -22,12 +20,10 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(flickr8k, tmp_path, monkeypatch):
+def test_quickstart_notebook_runs(flickr8k, builtin_model, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    if not (WEIGHTS_DIR / f"{DEFAULT_MODEL}.safetensors").is_file():
-        pytest.skip(f"the built-in model is not in this install ({WEIGHTS_DIR})")
     monkeypatch.setenv("SHOWTELL_FLICKR8K", str(flickr8k))
     monkeypatch.setenv("SHOWTELL_NOTEBOOK_LIMIT", "30")
     monkeypatch.setenv("SHOWTELL_CACHE", str(tmp_path / "cache"))
