@@ -242,3 +242,16 @@ def test_onnx_export_matches_torch_and_captions_alike(attention_checkpoint, phot
     for t, o in zip(torch_results, onnx_results):
         assert o.caption == t.caption and o.score == pytest.approx(t.score, abs=1e-4)
         assert [label for label, _ in o.tags] == [label for label, _ in t.tags]  # the tagger reads the pooled map
+
+
+def test_self_critical_loss_runs_through_the_same_step_interface():
+    from showtell.scst import Reward, scst_loss
+
+    model = make_model().train()
+    itos = ["<pad>", "<start>", "<end>", "<unk>", *[f"w{i}" for i in range(4, 30)]]
+    reward = Reward([[["w5", "w6", "w7"], ["w5", "w8"]], [["w9", "w10"]]])
+    loss, mean_reward = scst_loss(model, torch.randn(2, 9, 16), [0, 1], reward, itos, samples=3, max_length=6,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and mean_reward >= 0
+    loss.backward()
+    assert model.att.weight.grad is not None and model.att.weight.grad.abs().sum() > 0  # attention learns from it
