@@ -603,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"beam width, 1-{MAX_BEAM_SIZE}; 1 = greedy (default 3)")
     cap.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20,
                      help=f"most words in a caption, 1-{MAX_LENGTH} (default 20)")
-    cap.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=16,
-                     help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 16)")
+    cap.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=32,
+                     help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 32)")
     cap.add_argument("--format", choices=("text", "jsonl"), default="text",
                      help="text: path<TAB>caption[<TAB>tags: label (p), ...] lines, one per captioned photo; "
                           "a backslash, TAB, newline or CR in a path is written \\\\, \\t, \\n, \\r and a byte "

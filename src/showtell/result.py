@@ -126,7 +126,7 @@ class BatchCaptioning:
         return self._load(src)
 
     def iter_caption(self, images: Iterable[ImageInput], beam_size: int = 3, max_length: int = 20,
-                     batch_size: int = 16, num_return: int = 1, tags: int = 5, workers: int | None = None,
+                     batch_size: int = 32, num_return: int = 1, tags: int = 5, workers: int | None = None,
                      ahead: int = 1, processes: bool | None = None, **decoding) -> Iterator[CaptionResult]:
         """Caption images batch by batch, yielding results in input order as they are ready. An element of a type
         that is not an image raises TypeError when its batch is reached (see :func:`showtell.images.load_image`).
