@@ -5,7 +5,7 @@ the showtell CLI sets unless the environment says otherwise), and one intra-op t
 
 OpenMP reads its settings when torch loads, so each measurement is a fresh child process; the variants alternate,
 round after round, so the load from other processes hits them alike; each figure is the best of the rounds.
-Workloads: ``train``, showtell's ``Trainer.train_epoch`` on the captions of 200 Flickr8k training images (random
+Workloads: ``train``, showtell's ``CrossEntropyStage.epoch`` on the captions of 200 Flickr8k training images (random
 fp16 features, the full vocabulary); ``caption``, ``showtell.load(model).caption`` of 16 Flickr8k test images
 (beam 3). The result depends on what else runs on the machine: spinning wins on an idle machine and loses badly
 when another process wants the cores. The last line is a JSON object; ``ratio`` = passive / default for training.
@@ -35,14 +35,13 @@ def child(workload: str, model: str | None) -> None:
 
     records = corpus()
     if workload == "train":
-        from train_speed import make_trainer
+        from train_speed import make_stage
 
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer, _ = make_trainer(records.split("train"), 200, Path(tmp) / "run", None)
-            trainer.train_epoch(0)
-            start = time.perf_counter()
-            trainer.train_epoch(1)
-            value = len(trainer.items) / (time.perf_counter() - start)
+        stage, _, _ = make_stage(records.split("train"), 200, None)
+        stage.epoch(1)
+        start = time.perf_counter()
+        stage.epoch(2)
+        value = len(stage.items) / (time.perf_counter() - start)
     else:
         import showtell
 

@@ -2,12 +2,13 @@
 
     python benchmarks/train_speed.py [--quick] [--no-amp] [--limit 1000] [--rounds 3] [--ref-steps 3] [--cache-dir DIR]
 
-showtell: the real ``Trainer.train_epoch`` (cached fp16 features, a random view of each image, the real
-LengthBucketSampler batches of 64, ``CaptionModel.loss`` through the DDP-ready loss module, Adam, gradient clipping;
-mixed precision as in a real run: bf16 where the CPU runs it natively, ``--no-amp`` for fp32) over the captions of
-the first ``--limit`` Flickr8k training images, with the vocabulary of the whole training split. Features come from
-``--cache-dir`` when it holds (or may build) the training split's flip cache, otherwise they are random fp16 vectors
-of the real shape: the cost of a step does not depend on their values.
+showtell: the real ``CrossEntropyStage.epoch`` of ``showtell train`` (cached fp16 features, a random view of each
+image, the real LengthBucketSampler batches of 64, ``CaptionModel.loss`` through the DDP-ready loss module, Adam
+with the run's learning rate schedule, gradient clipping; mixed precision as in a real run: bf16 where the CPU runs
+it natively, ``--no-amp`` for fp32) over the captions of the first ``--limit`` Flickr8k training images, with the
+vocabulary of the whole training split. Features come from ``--cache-dir`` when it holds (or may build) the training
+split's flip cache, otherwise they are random fp16 vectors of the real shape: the cost of a step does not depend on
+their values.
 
 reference: ``benchmarks/reference.py``'s CVND training step on the same images and vocabulary size: 64 captions of
 one length, JPEG decoding + the classic transform, a frozen ResNet-50 forward, LSTM forward/backward, Adam, in fp32
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,31 +31,31 @@ from _common import cli_environment, corpus, emit, flickr8k_root, peak_rss_mb
 from reference import Reference
 
 
-def make_trainer(train_records, limit: int, out: Path, cache_dir: str | None, amp: bool = True):
-    from showtell.data import LengthBucketSampler
+def make_stage(train_records, limit: int, cache_dir: str | None, amp: bool = True):
+    """showtell's cross-entropy stage over the captions of the first ``limit`` training images, with the vocabulary
+    and the fresh model of a real run on the whole training split."""
     from showtell.encoders import encoder_info
     from showtell.features import extract_features
-    from showtell.train import TrainConfig, Trainer
+    from showtell.runs import new_model
+    from showtell.train import CrossEntropyStage, TrainConfig
+    from showtell.vocab import Vocabulary
 
     config = TrainConfig(root=str(flickr8k_root()), encoder="efficientnet_lite2", batch_size=64, device="cpu",
                          cache_dir=cache_dir, amp=amp)
-    trainer = Trainer(config, out, quiet=True)
-    trainer.records = {"train": train_records, "dev": []}
-    trainer.info = encoder_info(config.encoder)
+    feature_dim = encoder_info(config.encoder)["feature_dim"]
     if cache_dir:
         cache = extract_features([r.image for r in train_records], config.encoder, cache_dir, flip=True)
-        rows = [cache.row(r.image.resolve()) for r in train_records]
-        trainer.train_features = torch.from_numpy(np.ascontiguousarray(cache.features[rows]))
+        rows = [cache.row(r.image.resolve()) for r in train_records[:limit]]
+        features = torch.from_numpy(np.ascontiguousarray(cache.features[rows]))
         source = "cache"
     else:
         gen = torch.Generator().manual_seed(0)
-        trainer.train_features = torch.randn(len(train_records), 2, trainer.info["feature_dim"],
-                                             generator=gen).half()
+        features = torch.randn(len(train_records), 2, feature_dim, generator=gen).half()[:limit]
         source = "random"
-    trainer.build()  # the vocabulary of the whole training split, as in a real run
-    trainer.items = [it for it in trainer.items if it[0] < limit]
-    trainer.sampler = LengthBucketSampler([len(t) for _, t in trainer.items], config.batch_size, seed=config.seed)
-    return trainer, source
+    vocab = Vocabulary.build([c for r in train_records for c in r.captions], min_count=config.min_count)
+    model = new_model(config, len(vocab), feature_dim)
+    stage = CrossEntropyStage(config, model, vocab, train_records[:limit], features, torch.device("cpu"), quiet=True)
+    return stage, vocab, source
 
 
 def main() -> None:
@@ -80,31 +79,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     train = corpus().split("train")
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, source = make_trainer(train, limit, Path(tmp) / "run", args.cache_dir, amp=args.amp)
-        vocab = trainer.vocab
-        items = [(r.image, vocab.encode(c)) for r in train[:limit] for c in r.captions]
-        ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.end_id)
+    stage, vocab, source = make_stage(train, limit, args.cache_dir, amp=args.amp)
+    items = [(r.image, vocab.encode(c)) for r in train[:limit] for c in r.captions]
+    ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.end_id)
 
-        ref.train_step()  # warm-up: first-call allocations and kernel selection
-        trainer.train_epoch(0)
-        ref_time = st_time = 0.0
-        ref_caps = st_caps = 0
-        st_losses = []
-        for r in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(ref_steps):
-                ref_caps += ref.train_step()[1]
-            ref_time += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            st_losses.append(trainer.train_epoch(r + 1))
-            st_time += time.perf_counter() - t0
-            st_caps += len(trainer.items)
+    ref.train_step()  # warm-up: first-call allocations and kernel selection
+    stage.epoch(1)
+    ref_time = st_time = 0.0
+    ref_caps = st_caps = 0
+    st_losses = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(ref_steps):
+            ref_caps += ref.train_step()[1]
+        ref_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        st_losses.append(stage.epoch(r + 2))
+        st_time += time.perf_counter() - t0
+        st_caps += len(stage.items)
 
     st_speed, ref_speed = st_caps / st_time, ref_caps / ref_time
-    from showtell.train import _amp
+    from showtell.devices import mixed_precision
 
-    use_amp, amp_dtype = _amp(args.amp, torch.device("cpu"))
+    use_amp, amp_dtype = mixed_precision(args.amp, torch.device("cpu"))
     precision = str(amp_dtype).removeprefix("torch.").replace("bfloat16", "bf16") if use_amp else "fp32"
     threads = torch.get_num_threads()
     print(f"showtell: threads {threads}, batch 64, precision {precision} (cached features)\n"

@@ -26,6 +26,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def mixed_precision(enabled: bool, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Whether to autocast on ``device``, and to what: fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX:
+    ~1.7x here), else off."""
+    if device.type == "cuda":
+        return enabled, torch.float16
+    return enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported(), torch.bfloat16
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); starts the process group under torchrun (WORLD_SIZE > 1). On a CUDA ``device`` each
     process takes the GPU of its LOCAL_RANK and NCCL joins gloo; on the CPU (also of a machine with GPUs) gloo."""

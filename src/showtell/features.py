@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,3 +281,30 @@ def extract_features(images: list[str | os.PathLike], encoder_name: str, cache_d
     manifest["sha256"] = sha256_file(path / "features.npy")
     atomic_write_text(manifest_path, json.dumps(manifest))
     return check_spatial(_open(path, manifest), spatial)
+
+
+def extract_features_distributed(images: list[str | os.PathLike], encoder_name: str, rank: int, world: int,
+                                 cache_dir: str | os.PathLike | None = None, flip: bool = False, num_workers: int = 1,
+                                 device: str = "cpu", quiet: bool = False, spatial: bool = False) -> FeatureCache:
+    """``extract_features`` under torchrun, called by every rank: each extracts every world-th image into a cache of
+    its own (resumable like any cache), then rank 0 joins the shares into the one cache that a single process would
+    have built, and every rank loads it. This needs the cache folder on a shared file system."""
+    kwargs = dict(encoder_name=encoder_name, cache_dir=cache_dir, flip=flip, device=device, num_workers=num_workers,
+                  spatial=spatial)
+    if world == 1:
+        return extract_features(images, quiet=quiet, **kwargs)
+    cache = find_features(images, encoder_name, cache_dir, flip, spatial) if rank == 0 else None
+    missing = [cache is None]
+    torch.distributed.broadcast_object_list(missing, 0)  # rank 0 decides, so every rank takes one path
+    if missing[0]:
+        if rank == 0 and not quiet:
+            print(f"extracting features on {world} processes", file=sys.stderr, flush=True)
+        extract_features(images[rank::world], quiet=quiet or rank != 0, **kwargs)
+        torch.distributed.barrier()
+        if rank == 0:
+            shares = [extract_features(images[r::world], quiet=True, **kwargs) for r in range(world)]
+            cache = extract_features(images, quiet=True, reuse=shares, **kwargs)
+            for share in shares:
+                shutil.rmtree(share.path, ignore_errors=True)
+        torch.distributed.barrier()
+    return cache or extract_features(images, quiet=True, **kwargs)

@@ -13,8 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from showtell.model import CaptionModel
+from showtell.config import TrainConfig
+from showtell.datasets import CaptionRecord
+from showtell.devices import mixed_precision
+from showtell.model import CaptionModel, Ensemble
+from showtell.vocab import Vocabulary, tokenize
 
 Ngrams = list[dict[tuple[str, ...], float]]
 
@@ -162,3 +167,46 @@ def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int]
     advantage = (grouped - base).view(-1)
     loss = -(advantage * logp / lengths).mean()
     return loss, float(rewards.mean())
+
+
+class SelfCriticalStage:
+    """The self-critical stage of a training run (one process): Adam at ``scst_lr`` over the model, the training
+    images in a random order per epoch, ``scst_batch_size`` images a step, a random view of each image's cached
+    features ([N, views, D]), rewarded against the image's captions."""
+
+    def __init__(self, config: TrainConfig, model: CaptionModel | Ensemble, vocab: Vocabulary,
+                 records: list[CaptionRecord], features: torch.Tensor, device: torch.device, quiet: bool = False):
+        self.config, self.model, self.vocab, self.features = config, model, vocab, features
+        self.device, self.quiet = device, quiet
+        self.reward = Reward([[tokenize(cap) for cap in r.captions] for r in records], config.scst_bleu)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.scst_lr)
+
+    def epoch(self, epoch: int) -> float:
+        """Train one epoch (seeded by the config's seed and ``epoch``); returns the mean reward of the samples."""
+        c = self.config
+        torch.manual_seed(c.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(c.seed * 1000 + epoch)
+        rng = np.random.default_rng([c.seed, epoch])
+        order = rng.permutation(len(self.features))
+        use_amp, amp_dtype = mixed_precision(c.amp, self.device)
+        # Samples come from the model as it captions (no dropout; BatchNorm's running statistics): on Flickr8k dev
+        # this rewarded better and scored higher BLEU-4 than sampling with dropout on (docs/MODEL_CARD.md).
+        self.model.eval()
+        total, n = 0.0, 0
+        batches = [order[i:i + c.scst_batch_size] for i in range(0, len(order), c.scst_batch_size)]
+        bar = tqdm(batches, desc=f"scst {epoch}", unit="batch", disable=self.quiet, leave=False)
+        for idx in bar:
+            feats = self.features[idx]
+            views = rng.integers(0, feats.shape[1], size=len(idx))
+            feats = feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                loss, reward = scst_loss(self.model, feats, idx.tolist(), self.reward, self.vocab.itos,
+                                         samples=c.scst_samples, max_length=c.scst_max_length,
+                                         baseline=c.scst_baseline, end_id=self.vocab.end_id, generator=gen)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+            total, n = total + reward * len(idx), n + len(idx)
+            bar.set_postfix(reward=f"{total / n:.3f}")
+        return total / n
