@@ -265,11 +265,21 @@ def _image_error(name: str, message: str) -> str:
     return f"{name}: {message}"
 
 
-def _result_json(result: Any, model: str, started: float) -> dict[str, Any]:
+def _result_json(result: Any, captioner: Any, started: float) -> dict[str, Any]:
     return {"caption": result.caption, "score": round(float(result.score), 4),
             "alternatives": [{"caption": c, "score": round(float(s), 4)} for c, s in result.alternatives],
             "tags": [], **result.extras(),  # tags (label, p) always, a list; confidence, tags_note when set
-            "model": model, "elapsed_ms": round((time.perf_counter() - started) * 1000, 1)}
+            **_attention_json(result, captioner),
+            "model": captioner.name, "elapsed_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+def _attention_json(result: Any, captioner: Any) -> dict[str, Any]:
+    """An attention decoder's maps: each word of the caption and its [grid][grid] map (summing to 1), over the
+    square the encoder saw (``crop_pct`` of the photo's shorter side, centred)."""
+    if not getattr(result, "attention", None):
+        return {}
+    return {"attention": {"crop_pct": captioner.preprocess.crop_pct, "words": [w for w, _ in result.attention],
+                          "maps": [grid.round(4).tolist() for _, grid in result.attention]}}
 
 
 _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
@@ -400,7 +410,7 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
         (result,) = await caption_all(uploads)
         if isinstance(result, tuple):
             return _error(*result)
-        return JSONResponse(_result_json(result, state["captioner"].name, started))
+        return JSONResponse(_result_json(result, state["captioner"], started))
 
     @app.post("/v1/captions", openapi_extra=_UPLOADS_DOC, responses=_ERRORS, summary="Caption several photos")
     async def caption_many(request: Request) -> JSONResponse:
@@ -413,7 +423,7 @@ def create_app(model: Any = None, max_upload_mb: float = 10.0, **options: Any) -
             if isinstance(result, tuple):
                 out.append({"file": name, "error": result[1], "status": result[0]})
             else:
-                out.append({"file": name, **_result_json(result, state["captioner"].name, started)})
+                out.append({"file": name, **_result_json(result, state["captioner"], started)})
         return JSONResponse(out)
 
     @app.get("/v1/model", summary="The loaded model")

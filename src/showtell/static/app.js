@@ -41,6 +41,7 @@ async function caption(file, before) {
   }
   card.classList.add("ok");
   field("caption").textContent = body.caption;
+  if (body.attention) words(card, field("caption"), body.attention);
   field("caption").append(score(body.score));
   if (body.confidence != null) {
     const span = document.createElement("span");
@@ -73,6 +74,42 @@ async function caption(file, before) {
     field("alternatives").append(li);
   }
   field("meta").textContent = `${body.model} · ${Math.round(body.elapsed_ms)} ms`;
+}
+
+// An attention model's caption: each word lights, on hover, where the model looked for it on the photo.
+function words(card, caption, att) {
+  caption.textContent = "";
+  att.words.forEach((word, i) => {
+    const span = document.createElement("span");
+    span.className = "word";
+    span.textContent = word;
+    span.title = `where the model looked for "${word}"`;
+    span.addEventListener("mouseenter", () => showMap(card, att, i));
+    span.addEventListener("mouseleave", () => { card.querySelector("canvas.where").hidden = true; });
+    caption.append(span, i + 1 < att.words.length ? " " : "");
+  });
+}
+
+function showMap(card, att, i) {
+  const img = card.querySelector("img");
+  const canvas = card.querySelector("canvas.where");
+  if (!img) return;  // no preview of this photo
+  const w = img.clientWidth, h = img.clientHeight;
+  Object.assign(canvas, { width: w, height: h, hidden: false });
+  Object.assign(canvas.style, { left: `${img.offsetLeft}px`, top: `${img.offsetTop}px` });
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "rgba(0, 0, 0, 0.75)";  // dim the photo, then light the crop the encoder saw by the map
+  ctx.fillRect(0, 0, w, h);
+  const values = att.maps[i].flat(), g = att.maps[i].length, peak = Math.max(...values) || 1;
+  const side = Math.min(w, h) * att.crop_pct, x = (w - side) / 2, y = (h - side) / 2;
+  const small = document.createElement("canvas");
+  small.width = small.height = g;
+  const shade = small.getContext("2d").createImageData(g, g);
+  values.forEach((v, k) => { shade.data[4 * k + 3] = Math.round(255 * 0.75 * (1 - v / peak)); });
+  small.getContext("2d").putImageData(shade, 0, 0);
+  ctx.clearRect(x, y, side, side);
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(small, x, y, side, side);
 }
 
 function captionAll(files) {
