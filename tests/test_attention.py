@@ -259,59 +259,37 @@ def test_self_critical_loss_runs_through_the_same_step_interface():
 
 @pytest.mark.slow
 def test_web_page_lights_where_each_word_looked_on_hover(attention_checkpoint, photos):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
     from conftest import missing
-    from test_browser import CHROMIUM, CHROMIUM_ARGS
-
-    from showtell.server import create_app
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, served
 
     if not CHROMIUM.is_file():
         missing(f"{CHROMIUM} not found (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(attention_checkpoint), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1000, "height": 800})
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(f"http://127.0.0.1:{port}/")
-                page.set_input_files("#picker", [str(photos / "chelsea.jpg")])
-                card = page.locator(".card.ok")
-                expect(card).to_have_count(1, timeout=60_000)
-                words = card.locator(".caption .word")
-                caption = card.locator(".caption").inner_text()
-                assert words.count() == len(caption.rsplit(" (", 1)[0].split()) > 0  # every word, then the score
-                canvas = card.locator("canvas.where")
-                expect(canvas).to_be_hidden()
-                words.first.hover()
-                expect(canvas).to_be_visible()
-                # the crop the encoder saw is shaded by the map: dimmed in places, clear where it looked
-                alphas = canvas.evaluate("""c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height)
-                    .data; const a = []; for (let k = 3; k < d.length; k += 4) a.push(d[k]);
-                    return [Math.min(...a), Math.max(...a)]; }""")
-                assert alphas[0] < 60 and alphas[1] > 150, alphas
-                page.mouse.move(5, 5)
-                expect(canvas).to_be_hidden()
-                assert not errors, errors
-            finally:
-                browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with served(attention_checkpoint) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.set_input_files("#picker", [str(photos / "chelsea.jpg")])
+            card = page.locator(".card.ok")
+            expect(card).to_have_count(1, timeout=60_000)
+            words = card.locator(".caption .word")
+            caption = card.locator(".caption").inner_text()
+            assert words.count() == len(caption.rsplit(" (", 1)[0].split()) > 0  # every word, then the score
+            canvas = card.locator("canvas.where")
+            expect(canvas).to_be_hidden()
+            words.first.hover()
+            expect(canvas).to_be_visible()
+            # the crop the encoder saw is shaded by the map: dimmed in places, clear where it looked
+            alphas = canvas.evaluate("""c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height)
+                .data; const a = []; for (let k = 3; k < d.length; k += 4) a.push(d[k]);
+                return [Math.min(...a), Math.max(...a)]; }""")
+            assert alphas[0] < 60 and alphas[1] > 150, alphas
+            page.mouse.move(5, 5)
+            expect(canvas).to_be_hidden()
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -24,8 +25,9 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_checkpoint):
+@contextlib.contextmanager
+def served(checkpoint):
+    """The real server for ``checkpoint`` in a thread of this process: yields its URL."""
     import uvicorn
 
     from showtell.server import create_app
@@ -33,17 +35,25 @@ def server_url(tiny_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_checkpoint), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_checkpoint):
+    with served(tiny_checkpoint) as url:
+        yield url
 
 
 def test_page_captions_a_photo_and_shows_the_error_beside_a_broken_file(chromium, server_url, photos, tmp_path):
