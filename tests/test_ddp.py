@@ -47,11 +47,11 @@ ARGS = ["--limit", "60", "--encoder", "efficientnet_lite0", "--hidden-dim", "128
 BATCH = 8  # per rank
 
 
-def _train(out, flickr8k, feature_cache, batch_size, nproc=1):
+def _train(out, flickr8k, feature_cache, batch_size, nproc=1, decoder="show-and-tell"):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "showtell", "train", "--dataset", "flickr8k",
            "--root", str(flickr8k), "--out", str(out), "--cache-dir", str(feature_cache),
-           "--batch-size", str(batch_size), *ARGS]
+           "--batch-size", str(batch_size), "--decoder", decoder, *ARGS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "metrics.csv") as f:
@@ -59,9 +59,11 @@ def _train(out, flickr8k, feature_cache, batch_size, nproc=1):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_the_global_batch(flickr8k, feature_cache, tmp_path):
-    single = _train(tmp_path / "single", flickr8k, feature_cache, 2 * BATCH)
-    ddp = _train(tmp_path / "ddp", flickr8k, tmp_path / "cache", BATCH, nproc=2)  # extracts its features itself
+@pytest.mark.parametrize("decoder", ["show-and-tell", "attention"])  # attention: on feature maps
+def test_two_processes_train_like_one_with_the_global_batch(flickr8k, feature_cache, tmp_path, decoder):
+    single = _train(tmp_path / "single", flickr8k, feature_cache, 2 * BATCH, decoder=decoder)
+    # the DDP run extracts its features itself
+    ddp = _train(tmp_path / "ddp", flickr8k, tmp_path / "cache", BATCH, nproc=2, decoder=decoder)
 
     assert [r["epoch"] for r in ddp] == [r["epoch"] for r in single] == ["1", "2"]
     # The same global batches, gradients weighted by tokens: the loss curves agree to well within 2% (measured:
@@ -83,4 +85,6 @@ def test_two_processes_train_like_one_with_the_global_batch(flickr8k, feature_ca
     assert sorted(p.name for p in feature_cache.iterdir() if p.name in joined) == joined and len(joined) == 2
     for name in joined:
         a, b = (np.load(root / name / "features.npy") for root in (tmp_path / "cache", feature_cache))
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+        # at most one fp16 step apart (other batches, other rounding): feature maps reach values of 4-8, where a
+        # step is 0.004
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, rtol=1e-3)
