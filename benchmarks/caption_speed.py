@@ -83,7 +83,7 @@ def main() -> None:
     model = resolve_model(args.model)
     captioner = showtell.load(model, precision=args.precision)
     vocab = captioner.vocab
-    ref = Reference(len(vocab), end_id=vocab.end_id)
+    ref = Reference(len(vocab), end_id=vocab.special.end)
 
     kwargs = {"beam_size": args.beam_size}
     results = captioner.caption(paths, batch_size=batch_size, **kwargs)  # warm-up, and the caption lengths

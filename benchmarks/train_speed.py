@@ -81,7 +81,7 @@ def main() -> None:
     train = corpus().split("train")
     stage, vocab, source = make_stage(train, limit, args.cache_dir, amp=args.amp)
     items = [(r.image, vocab.encode(c)) for r in train[:limit] for c in r.captions]
-    ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.end_id)
+    ref = Reference(len(vocab), items, batch_size=64, end_id=vocab.special.end)
 
     ref.train_step()  # warm-up: first-call allocations and kernel selection
     stage.epoch(1)

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from showtell.decoding import BeamSearchDecoder, DecodingOptions, Hypothesis, decode, make_filters
+from showtell.decoding import BeamSearchDecoder, DecodingOptions, Hypothesis, decode, make_filters, run
 from showtell.errors import ShowtellError
+from showtell.hypotheses import Ranker
 from showtell.model import CaptionModel, ModelConfig
-from showtell.vocab import Vocabulary
+from showtell.vocab import SPECIAL, Vocabulary
 
-END, UNK = 2, 3
+START, END, UNK = SPECIAL.start, SPECIAL.end, SPECIAL.unk
 CAPTIONS = [
     "a dog runs on the grass",
     "two men play football in the park",
@@ -40,7 +41,9 @@ def random_model(seed: int = 0, vocab_size: int = 50, **overrides) -> CaptionMod
 def beam_search(model, features, options: DecodingOptions) -> list[list[Hypothesis]]:
     """Run the beam search decoder itself, even for beam_size=1 (decode() uses greedy there)."""
     with torch.inference_mode():
-        return BeamSearchDecoder(options, make_filters(options), 1, END).run(model, features)
+        ranker = run(model, features, BeamSearchDecoder(options.beam_size, END), make_filters(options), START,
+                     options.max_length, Ranker(len(features), options.length_penalty))
+    return ranker.rank(min(options.num_return, options.beam_size))
 
 
 def same(a: list[list[Hypothesis]], b: list[list[Hypothesis]]) -> bool:

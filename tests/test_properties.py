@@ -114,8 +114,7 @@ def test_decoding_gives_valid_captions_for_any_model_and_options(tiny_models, mo
     assume(num_return <= beam)
     feats = torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed)) * 3
     options = DecodingOptions(beam_size=beam, max_length=max_length, num_return=num_return)
-    hyps = decode(tiny_models[model_index], feats, options, start_id=VOCAB.start_id, end_id=VOCAB.end_id,
-                  unk_id=VOCAB.unk_id, pad_id=VOCAB.pad_id)
+    hyps = decode(tiny_models[model_index], feats, options, VOCAB.special)
     assert len(hyps) == batch
     for per_image in hyps:
         assert 1 <= len(per_image) <= num_return

@@ -7,6 +7,7 @@ import torch
 
 from showtell.model import CaptionModel, ModelConfig
 from showtell.scst import CiderD, Reward, SentenceBleu, sample_captions, scst_loss
+from showtell.vocab import SPECIAL, Vocabulary
 
 REFS = [["a dog runs on the grass", "a brown dog is running", "the dog plays in a field"],
         ["a man rides a bike", "a person on a bicycle", "a cyclist rides down the road"],
@@ -56,7 +57,7 @@ def test_loss_has_gradients_and_keeps_the_training_mode(baseline):
     model, itos = _model()
     cider = CiderD([[r.split() for r in refs] for refs in REFS])
     model.train()
-    loss, reward = scst_loss(model, torch.randn(3, 8), [0, 1, 2], cider, itos, samples=4, max_length=8,
+    loss, reward = scst_loss(model, torch.randn(3, 8), [0, 1, 2], cider, Vocabulary(itos), samples=4, max_length=8,
                              generator=torch.Generator().manual_seed(0), baseline=baseline)
     loss.backward()
     assert model.training and reward >= 0
@@ -68,11 +69,11 @@ def test_greedy_captions_are_the_most_likely_words():
     model.eval()
     feats = torch.randn(2, 8)
     with torch.no_grad():
-        tokens, _, _ = sample_captions(model, feats, 1, 6, end_id=2, banned=(0, 1, 3), greedy=True)
+        captions, _, _ = sample_captions(model, feats, 1, 6, greedy=True)
         state = model.init_state(feats)
-        logits, _ = model.step(torch.ones(2, dtype=torch.long), state)
-        logits[:, [0, 1, 3]] = float("-inf")
-    assert tokens[:, 0].tolist() == logits.argmax(-1).tolist()
+        logits, _ = model.step(torch.full((2,), SPECIAL.start), state)
+        logits[:, [SPECIAL.pad, SPECIAL.start, SPECIAL.unk]] = float("-inf")
+    assert [(c + [SPECIAL.end])[0] for c in captions] == logits.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -119,8 +119,7 @@ class Captioner(BatchCaptioning):
         return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
 
     def hypotheses(self, feats: torch.Tensor, options: DecodingOptions, model=None) -> list[list[Hypothesis]]:
-        return decode(model or self.decoder, feats.to(self.device), options, start_id=self.vocab.start_id,
-                      end_id=self.vocab.end_id, unk_id=self.vocab.unk_id, pad_id=self.vocab.pad_id)
+        return decode(model or self.decoder, feats.to(self.device), options, self.vocab.special)
 
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
         """Decode encoder features: per image, (caption, score) pairs best first."""

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from showtell.vocab import SPECIAL
+
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of caption indices where every batch holds captions of one token length.
@@ -95,10 +97,10 @@ def _counts(lengths: Sequence[int]) -> dict[int, int]:
     return counts
 
 
-def pad_captions(encoded: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
-    """Stack token id lists into a [B, T] long tensor, right-padded with ``pad_id``."""
+def pad_captions(encoded: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Stack token id lists into a [B, T] long tensor, right-padded with <pad>."""
     width = max(len(c) for c in encoded)
-    out = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    out = torch.full((len(encoded), width), SPECIAL.pad, dtype=torch.long)
     for i, c in enumerate(encoded):
         out[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
     return out

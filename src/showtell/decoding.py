@@ -1,7 +1,9 @@
 """Caption decoding: greedy, sampling and beam search over any model with `init_state` and `step`.
 
 Modelled on openai/whisper's decoding.py: a frozen `DecodingOptions`, small filters that edit the next-token
-log-probabilities in place, and small decoder classes. Everything is batched over images (and beams, which are
+log-probabilities in place, and one loop, `run`, into which the token decoders (greedy, sampling, beam search; SCST
+samples through it too) plug with `update`/`finalize`, their hypotheses ranked by `showtell.hypotheses.Ranker`
+(``showtell.onnx_runtime`` has the same loop in numpy). Everything is batched over images (and beams, which are
 folded into the batch dimension); the per-step work is tensor ops whose Python cost does not grow with the batch.
 
 Images whose caption is complete are dropped from the batch, so a batch costs what its longest captions cost.
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from showtell.errors import ShowtellError
+from showtell.hypotheses import Hypothesis, Ranker
 from showtell.limits import MAX_BEAM_SIZE, MAX_LENGTH, is_int, is_real
+from showtell.vocab import SPECIAL, SpecialTokens
 
 State = tuple[Tensor, ...]  # tensors with the batch in dimension 1, like an LSTM's (h, c)
 
@@ -76,14 +80,6 @@ class DecodingOptions:
         if len(self.prefix) >= self.max_length:
             raise ShowtellError(f"decoding: a prefix of {len(self.prefix)} words leaves no room in max_length "
                                 f"{self.max_length}")
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # word ids, without <start>/<end>
-    logprob: float  # total log-probability, including the <end> step when it was emitted
-    score: float  # the ranking score (length-normalised as per the options)
-    finished: bool  # emitted <end> within max_length
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -150,104 +146,128 @@ class NoRepeatNgram(LogitFilter):
         logprobs.scatter_add_(1, windows[:, :, -1], penalty)
 
 
-# ---------------------------------------------------------------------------------------------- decoders
-
-
-def _score(logprob: float, length: int, length_penalty: float | None) -> float:
-    """Ranking score; ``length`` counts the words and the <end> when it was emitted."""
-    if length_penalty is None:
-        return logprob / max(length, 1)
-    return logprob / ((5 + length) / 6) ** length_penalty
+# ---------------------------------------------------------------------------------------------- the loop
 
 
 def _select_state(state: State, index: Tensor) -> State:
     return tuple(s.index_select(1, index) for s in state)
 
 
-class _Collector:
-    """Per-image lists of finished and unfinished hypotheses; Python work only when a hypothesis ends."""
+class Collector(Protocol):
+    """Where a decoder puts the hypotheses that end: a :class:`Ranker` when captioning, SCST's samples."""
 
-    def __init__(self, batch_size: int, options: DecodingOptions):
-        self.options = options
-        self.finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
-        self.unfinished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
-
-    def add(self, images: Tensor, tokens: Tensor, logprobs: Tensor, finished: bool) -> None:
-        extra = 1 if finished else 0  # the <end> token counts in the length
-        target = self.finished if finished else self.unfinished
-        for i, toks, lp in zip(images.tolist(), tokens.tolist(), logprobs.tolist(), strict=True):
-            if not math.isfinite(lp):  # an impossible sequence; no NaN or inf score ever reaches a caller
-                continue
-            target[i].append(Hypothesis(toks, lp, _score(lp, len(toks) + extra, self.options.length_penalty), finished))
-
-    def results(self, num_return: int) -> list[list[Hypothesis]]:
-        out = []
-        for fin, unf in zip(self.finished, self.unfinished, strict=True):
-            fin = sorted(fin, key=lambda h: -h.score)
-            seen = {tuple(h.tokens) for h in fin}
-            unf = sorted((h for h in unf if tuple(h.tokens) not in seen), key=lambda h: -h.score)
-            out.append((fin + unf)[:num_return])  # complete sentences first
-        return out
+    def add(self, images: Tensor, tokens: Tensor, logprobs: Tensor, finished: bool) -> None: ...
 
 
-class GreedyDecoder:
-    """Greedy (argmax) or, with ``options.sample``, ancestral sampling; one hypothesis per image."""
+class TokenDecoder:
+    """A decoding strategy inside :func:`run` (whisper's TokenDecoder). It keeps the words and log-probabilities
+    of the rows the model steps, hands the hypotheses that end to ``out`` and says which rows go on. ``words``
+    [rows, t] are the words so far of each row, what the filters read."""
 
-    def __init__(self, options: DecodingOptions, filters: list[LogitFilter], start_id: int, end_id: int):
-        self.options, self.filters, self.start_id, self.end_id = options, filters, start_id, end_id
-        self.generator: torch.Generator | None = None
+    words: Tensor
+
+    def reset(self, batch_size: int, device: torch.device, out: Collector) -> None:
+        raise NotImplementedError
+
+    def update(self, logprobs: Tensor, last: bool) -> tuple[Tensor, Tensor | None] | None:
+        """One step, given its filtered log-probabilities [rows, vocab] (edited in place): the next tokens of the
+        rows that go on and which rows of the state they continue (None: all, in order); None when no row goes
+        on. ``last``: the step after ``max_length`` words, where only an <end> still counts."""
+        raise NotImplementedError
+
+    def finalize(self) -> Collector:
+        """The rows still going become unfinished hypotheses; returns ``out``."""
+        raise NotImplementedError
+
+
+def run(model: StepModel, features: Tensor, decoder: TokenDecoder, filters: list[LogitFilter], start: int,
+        max_length: int, out: Collector) -> Collector:
+    """The decoding loop of every strategy: step the model, normalise, filter, let the decoder choose, keep the
+    state of the rows that go on. Returns ``decoder.finalize()``. With gradients enabled (SCST) the log-probabilities
+    of the samples keep theirs."""
+    n, device = features.shape[0], features.device
+    decoder.reset(n, device, out)
+    state = model.init_state(features)
+    tokens = torch.full((n,), start, dtype=torch.long, device=device)
+    for t in range(max_length + 1):
+        logits, state = model.step(tokens, state)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        if logprobs.requires_grad:  # autograd keeps log_softmax's output; the filters and decoders edit in place
+            logprobs = logprobs.clone()
+        for f in filters:
+            f.apply(logprobs, decoder.words)
+        chosen = decoder.update(logprobs, last=t == max_length)
+        if chosen is None:
+            break
+        tokens, rows = chosen
+        if rows is not None:
+            state = _select_state(state, rows)
+    return decoder.finalize()
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+
+class GreedyDecoder(TokenDecoder):
+    """The most likely next word, one hypothesis per image. Images whose caption is complete leave the batch."""
+
+    def __init__(self, end: int):
+        self.end = end
+
+    def reset(self, batch_size: int, device: torch.device, out: Collector) -> None:
+        self.out = out
+        self.images = torch.arange(batch_size, device=device)  # the image of each row
+        self.cum = torch.zeros(batch_size, device=device)
+        self.words = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
 
     def choose(self, scores: Tensor, cum: Tensor) -> Tensor:
         """Next token [N] from the cumulative scores [N, vocab] (cum [N] + this step's log-probabilities)."""
-        if not self.options.sample:
-            # the max of the cumulative score (not of logprobs), first index on ties: beam_size=1 picks the same
-            return scores.max(dim=1).indices
-        logits = (scores - cum.unsqueeze(1)) / self.options.temperature
-        if 0 < self.options.top_k < logits.shape[1]:
-            kth = logits.topk(self.options.top_k, dim=1).values[:, -1:]
+        # the max of the cumulative score (not of logprobs), first index on ties: beam_size=1 picks the same
+        return scores.max(dim=1).indices
+
+    def update(self, logprobs: Tensor, last: bool) -> tuple[Tensor, Tensor | None] | None:
+        scores = logprobs.add_(self.cum.unsqueeze(1))  # in place: no second [N, vocab] buffer
+        tokens = self.choose(scores, self.cum)
+        cum = scores.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        ended = tokens == self.end
+        any_ended = bool(ended.any())
+        if any_ended:
+            self.out.add(self.images[ended], self.words[ended], cum[ended], finished=True)
+        if last:  # out of room: the rest are returned unfinished
+            self.images, self.words, self.cum = self.images[~ended], self.words[~ended], self.cum[~ended]
+            return None
+        self.words, self.cum = torch.cat([self.words, tokens.unsqueeze(1)], dim=1), cum
+        if not any_ended:
+            return tokens, None
+        keep = (~ended).nonzero().squeeze(1)
+        self.images, self.words, self.cum = self.images[keep], self.words[keep], self.cum[keep]
+        return (tokens[keep], keep) if keep.numel() else None
+
+    def finalize(self) -> Collector:
+        self.out.add(self.images, self.words, self.cum, finished=False)
+        return self.out
+
+
+class SamplingDecoder(GreedyDecoder):
+    """Ancestral sampling with a temperature, from the ``top_k`` most likely words (0: all); reproducible with
+    a seeded ``generator``."""
+
+    def __init__(self, end: int, temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None):
+        super().__init__(end)
+        self.temperature, self.top_k, self.generator = temperature, top_k, generator
+
+    def choose(self, scores: Tensor, cum: Tensor) -> Tensor:
+        logits = (scores - cum.unsqueeze(1)) / self.temperature
+        if 0 < self.top_k < logits.shape[1]:
+            kth = logits.topk(self.top_k, dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
         # a row with every token impossible (a model that gives NaN) has NaN probabilities: draw any token there,
         # its -inf log-probability drops the hypothesis
         probs = logits.softmax(dim=1).nan_to_num_(nan=1.0)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
-    def run(self, model: StepModel, features: Tensor) -> list[list[Hypothesis]]:
-        opts, n = self.options, features.shape[0]
-        device = features.device
-        if opts.sample and opts.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(opts.seed)
-        out = _Collector(n, opts)
-        state = model.init_state(features)
-        images = torch.arange(n, device=device)
-        cum = torch.zeros(n, device=device)
-        words = torch.zeros(n, 0, dtype=torch.long, device=device)
-        tokens = torch.full((n,), self.start_id, dtype=torch.long, device=device)
-        for t in range(opts.max_length + 1):
-            logits, state = model.step(tokens, state)
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            for f in self.filters:
-                f.apply(logprobs, words)
-            scores = logprobs.add_(cum.unsqueeze(1))  # in place: no second [N, vocab] buffer
-            tokens = self.choose(scores, cum)
-            new_cum = scores.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            ended = tokens == self.end_id
-            if ended.any():
-                out.add(images[ended], words[ended], new_cum[ended], finished=True)
-            if t == opts.max_length:  # out of room: the rest are returned unfinished
-                out.add(images[~ended], words[~ended], cum[~ended], finished=False)
-                break
-            words = torch.cat([words, tokens.unsqueeze(1)], dim=1)
-            cum = new_cum
-            if ended.any():
-                keep = (~ended).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                images, words, cum, tokens = images[keep], words[keep], cum[keep], tokens[keep]
-                state = _select_state(state, keep)
-        return out.results(1)
 
-
-class BeamSearchDecoder:
+class BeamSearchDecoder(TokenDecoder):
     """Beam search, batched over images and beams (beams folded into the batch dimension).
 
     Each step takes the top 2*beam of the (beams x vocab) cumulative log-probabilities of an image. An <end>
@@ -256,70 +276,71 @@ class BeamSearchDecoder:
     `max_length` words the beams still going are returned as unfinished. With beam_size=1 this is greedy.
     """
 
-    def __init__(self, options: DecodingOptions, filters: list[LogitFilter], start_id: int, end_id: int):
-        self.options, self.filters, self.start_id, self.end_id = options, filters, start_id, end_id
+    def __init__(self, beam_size: int, end: int):
+        self.beam, self.end = beam_size, end
 
-    def run(self, model: StepModel, features: Tensor) -> list[list[Hypothesis]]:
-        opts, beam, n = self.options, self.options.beam_size, features.shape[0]
-        device = features.device
-        out = _Collector(n, opts)
-        state = model.init_state(features)
-        images = torch.arange(n, device=device)  # the image of each row of `cum`
-        num_finished = torch.zeros(n, dtype=torch.long, device=device)
-        cum = torch.zeros(n, 1, device=device)  # [images, beams]: one beam per image to start with
-        words = torch.zeros(n, 1, 0, dtype=torch.long, device=device)  # [images, beams, t]
-        tokens = torch.full((n,), self.start_id, dtype=torch.long, device=device)
-        for t in range(opts.max_length + 1):
-            logits, state = model.step(tokens, state)
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            n, nb = cum.shape
-            vocab = logprobs.shape[1]
-            for f in self.filters:
-                f.apply(logprobs, words.view(n * nb, t))
-            scores = logprobs.view(n, nb, vocab).add_(cum.unsqueeze(2)).view(n, nb * vocab)
-            k = min(2 * beam, nb * vocab)
-            top, index = scores.topk(k, dim=1)
-            # best first, ties to the lower index as argmax does (topk's order of ties is unspecified)
-            index, perm = index.sort(dim=1)
-            top, perm = top.gather(1, perm).sort(dim=1, descending=True, stable=True)
-            index = index.gather(1, perm)
-            source, token = index // vocab, index % vocab
-            is_end = token == self.end_id
-            ended = is_end.clone()
-            ended[:, beam:] = False
-            ended &= top > -math.inf
-            if ended.any():
-                rows, cols = ended.nonzero(as_tuple=True)
-                out.add(images[rows], words[rows, source[rows, cols]], top[rows, cols], finished=True)
-                num_finished += ended.sum(dim=1)
-            if t == opts.max_length:  # out of room: the live beams are returned unfinished
-                out.add(images.repeat_interleave(nb), words.view(n * nb, t), cum.view(-1), finished=False)
-                break
-            # the best non-<end> candidates go on; at most nb of the k candidates are <end>, so k - nb >= 1 remain
-            order = torch.argsort(is_end.to(torch.uint8), dim=1, stable=True)[:, : min(beam, k - nb)]
-            top, source, token = top.gather(1, order), source.gather(1, order), token.gather(1, order)
-            keep = (num_finished < beam).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            if keep.numel() < n:
-                images, num_finished, top, source, token = (x[keep] for x in (images, num_finished, top, source, token))
-                rows = (keep * nb).unsqueeze(1) + source
-            else:
-                rows = (torch.arange(n, device=device) * nb).unsqueeze(1) + source
-            rows = rows.view(-1)
-            state = _select_state(state, rows)
-            words = torch.cat([words.view(n * nb, t)[rows], token.view(-1, 1)], dim=1).view(*token.shape, t + 1)
-            cum, tokens = top, token.view(-1)
-        return out.results(min(opts.num_return, beam))
+    def reset(self, batch_size: int, device: torch.device, out: Collector) -> None:
+        self.out = out
+        self.images = torch.arange(batch_size, device=device)  # the image of each row of `cum`
+        self.num_finished = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.cum = torch.zeros(batch_size, 1, device=device)  # [images, beams]: one beam per image to start with
+        self.beams = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)  # [images, beams, t]
+
+    @property
+    def words(self) -> Tensor:
+        return self.beams.flatten(0, 1)
+
+    def update(self, logprobs: Tensor, last: bool) -> tuple[Tensor, Tensor | None] | None:
+        beam, (n, nb, t) = self.beam, self.beams.shape
+        vocab = logprobs.shape[1]
+        scores = logprobs.view(n, nb, vocab).add_(self.cum.unsqueeze(2)).view(n, nb * vocab)
+        k = min(2 * beam, nb * vocab)
+        top, index = scores.topk(k, dim=1)
+        # best first, ties to the lower index as argmax does (topk's order of ties is unspecified)
+        index, perm = index.sort(dim=1)
+        top, perm = top.gather(1, perm).sort(dim=1, descending=True, stable=True)
+        index = index.gather(1, perm)
+        source, token = index // vocab, index % vocab
+        is_end = token == self.end
+        ended = is_end.clone()
+        ended[:, beam:] = False
+        ended &= top > -math.inf
+        if ended.any():
+            rows, cols = ended.nonzero(as_tuple=True)
+            self.out.add(self.images[rows], self.beams[rows, source[rows, cols]], top[rows, cols], finished=True)
+            self.num_finished += ended.sum(dim=1)
+        if last:  # out of room: the live beams are returned unfinished
+            return None
+        # the best non-<end> candidates go on; at most nb of the k candidates are <end>, so k - nb >= 1 remain
+        order = torch.argsort(is_end.to(torch.uint8), dim=1, stable=True)[:, : min(beam, k - nb)]
+        top, source, token = top.gather(1, order), source.gather(1, order), token.gather(1, order)
+        keep = (self.num_finished < beam).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            self.images, self.cum, self.beams = keep, self.cum[:0], self.beams[:0]
+            return None
+        images, num_finished = self.images, self.num_finished
+        if keep.numel() < n:
+            images, num_finished, top, source, token = (x[keep] for x in (images, num_finished, top, source, token))
+            rows = (keep * nb).unsqueeze(1) + source
+        else:
+            rows = (torch.arange(n, device=keep.device) * nb).unsqueeze(1) + source
+        rows = rows.view(-1)
+        self.beams = torch.cat([self.words[rows], token.view(-1, 1)], dim=1).view(*token.shape, t + 1)
+        self.images, self.num_finished, self.cum = images, num_finished, top
+        return token.view(-1), rows
+
+    def finalize(self) -> Collector:
+        self.out.add(self.images.repeat_interleave(self.cum.shape[1]), self.words, self.cum.view(-1), finished=False)
+        return self.out
 
 
-def make_filters(options: DecodingOptions, start_id: int = 1, unk_id: int = 3, pad_id: int = 0) -> list[LogitFilter]:
+def make_filters(options: DecodingOptions, special: SpecialTokens = SPECIAL) -> list[LogitFilter]:
     """NaN counts as impossible; the prefix's words first; <pad> and <start> are never produced, nor <unk> with
     ``suppress_unk`` (except where the prefix puts it); then n-gram blocking if asked."""
     filters: list[LogitFilter] = [NaNIsImpossible()] + ([ForcePrefix(options.prefix)] if options.prefix else [])
-    filters.append(SuppressTokens([pad_id, start_id]))
+    filters.append(SuppressTokens([special.pad, special.start]))
     if options.suppress_unk:
-        filters.append(SuppressTokens([unk_id], from_step=len(options.prefix)))
+        filters.append(SuppressTokens([special.unk], from_step=len(options.prefix)))
     if options.not_after_prefix:
         n = len(options.prefix)
         filters.append(SuppressTokens(list(options.not_after_prefix), from_step=n, until_step=n + 1))
@@ -328,8 +349,8 @@ def make_filters(options: DecodingOptions, start_id: int = 1, unk_id: int = 3, p
     return filters
 
 
-def decode(model: StepModel, features: Tensor, options: DecodingOptions | None = None, start_id: int = 1,
-           end_id: int = 2, unk_id: int = 3, pad_id: int = 0) -> list[list[Hypothesis]]:
+def decode(model: StepModel, features: Tensor, options: DecodingOptions | None = None,
+           special: SpecialTokens = SPECIAL) -> list[list[Hypothesis]]:
     """Caption a batch of image features [B, feature_dim]: one list of hypotheses per image, best first,
     ``min(num_return, beam_size)`` long (1 for greedy and sampling); shorter only when a tiny vocabulary has
     fewer distinct captions than that. Complete captions rank before unfinished ones (cut at ``max_length``).
@@ -339,17 +360,23 @@ def decode(model: StepModel, features: Tensor, options: DecodingOptions | None =
     An ``nn.Module`` in training mode is switched to eval mode for the call (dropout off) and back after.
     """
     options = options or DecodingOptions()
-    filters = make_filters(options, start_id=start_id, unk_id=unk_id, pad_id=pad_id)
-    decoder_class = GreedyDecoder if options.beam_size == 1 else BeamSearchDecoder
-    decoder = decoder_class(options, filters, start_id, end_id)
     if features.shape[0] == 0:
         return []
+    if options.beam_size > 1:
+        decoder: TokenDecoder = BeamSearchDecoder(options.beam_size, special.end)
+    elif options.sample:
+        generator = None if options.seed is None else torch.Generator(features.device).manual_seed(options.seed)
+        decoder = SamplingDecoder(special.end, options.temperature, options.top_k, generator)
+    else:
+        decoder = GreedyDecoder(special.end)
+    ranker = Ranker(features.shape[0], options.length_penalty)
     was_training = isinstance(model, nn.Module) and model.training
     try:
         if was_training:
             model.eval()
         with torch.inference_mode():
-            return decoder.run(model, features)
+            run(model, features, decoder, make_filters(options, special), special.start, options.max_length, ranker)
     finally:
         if was_training:
             model.train()
+    return ranker.rank(min(options.num_return, options.beam_size))

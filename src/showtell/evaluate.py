@@ -22,8 +22,7 @@ def generate(model: CaptionModel, vocab: Vocabulary, features: torch.Tensor, opt
     model.eval()
     captions: list[str] = []
     for i in range(0, len(features), batch_size):
-        hyps = decode(model, features[i:i + batch_size].float(), options, start_id=vocab.start_id,
-                      end_id=vocab.end_id, unk_id=vocab.unk_id, pad_id=vocab.pad_id)
+        hyps = decode(model, features[i:i + batch_size].float(), options, vocab.special)
         captions.extend(vocab.decode(h[0].tokens) for h in hyps)
     return captions
 

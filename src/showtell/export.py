@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
     parity["decoder_init"] = _max_diff(paths["decoder_init"], {"features": feats.numpy()}, list(state))
 
     # state of batch 2: [layers (all members' for an ensemble) or positions, batch, size]
-    example = (torch.tensor([vocab.start_id, 5 % config.vocab_size]),
+    example = (torch.tensor([vocab.special.start, 5 % config.vocab_size]),
                *(torch.randn(s.shape[0], 2, *s.shape[2:], generator=gen) for s in state))
     _export(step, example, paths["decoder_step"], ["tokens", *inputs], ["logprobs", *names],
             {"tokens": 0, "logprobs": 0, **dict.fromkeys(inputs + names, 1)}, opset)
@@ -191,7 +192,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, opset: 
         "model": config.to_dict(),
         "preprocess": pre.to_dict(),
         "vocab": vocab.to_dict(),  # vocab["tokens"] is itos: the word of each id
-        "special_ids": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id, "unk": vocab.unk_id},
+        "special_ids": asdict(vocab.special),
         "files": files,
         **({"tags": {"rule": tagger.rule, "heads": tagger.names,
                      "lemmas": [list(tagger.lemmas(i)) for i in range(len(tagger.labels))]}}

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from showtell.confidence import ConfidenceModel
-from showtell.decoding import DecodingOptions, Hypothesis, _score
+from showtell.decoding import DecodingOptions
 from showtell.errors import ShowtellError
+from showtell.hypotheses import Hypothesis, score
 from showtell.vocab import Vocabulary, tokenize
 
 
@@ -63,14 +64,14 @@ def guided_prefix(vocab: Vocabulary, label: str, words: list[str]) -> tuple[tupl
         if word in vocab.stoi:
             return (*starting(word), vocab.stoi[word]), None
     name = " ".join(tokenize(label)) or label
-    return (*starting(name), vocab.unk_id), name
+    return (*starting(name), vocab.special.unk), name
 
 
 def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
     """The caption text of ``tokens``; <unk> becomes ``unk_as`` when given (the tag's name)."""
     if unk_as is None:
         return vocab.decode(tokens)
-    parts = [unk_as if t == vocab.unk_id else vocab.decode([t]) for t in tokens]
+    parts = [unk_as if t == vocab.special.unk else vocab.decode([t]) for t in tokens]
     return " ".join(p for p in parts if p)
 
 
@@ -129,7 +130,7 @@ class Grounding:
         for n, (prefix, unk_as) in enumerate(prefixes):
             groups.setdefault((len(prefix), unk_as is not None), []).append(n)
         for (length, unknown), rows in groups.items():
-            wrapped = Prefixed(None, [prefixes[n][0] for n in rows], self.vocab.start_id)
+            wrapped = Prefixed(None, [prefixes[n][0] for n in rows], self.vocab.special.start)
 
             def wrap(model, wrapped=wrapped):
                 wrapped.model = model
@@ -139,7 +140,7 @@ class Grounding:
             changes = {"max_length": options.max_length - length, "not_after_prefix": self.nouns if unknown else ()}
             for n, hyps, before in zip(rows, decode_hyps(feats[rows], changes, wrap), wrapped.logprob.tolist()):
                 prefix, unk_as = prefixes[n]
-                scored = [(not h.finished, -_score(before + h.logprob, length + len(h.tokens) + h.finished,
+                scored = [(not h.finished, -score(before + h.logprob, length + len(h.tokens) + h.finished,
                                                    options.length_penalty), h) for h in hyps]
                 out[n] = [(text_of(self.vocab, [*prefix, *h.tokens], unk_as), -neg)  # complete ones first, as decode()
                           for _, neg, h in sorted(scored, key=lambda x: x[:2])]

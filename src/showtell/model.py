@@ -1,7 +1,7 @@
 """CaptionModel: Show and Tell (Vinyals et al. 2015). The image is the LSTM's first input, then the words.
 
     feature -> Linear(feature_dim, embed_dim) [-> BatchNorm1d] -> x_{-1}
-    <start> w1 ... wn -> Embedding (padding_idx=0) -> x_0 ... x_n
+    <start> w1 ... wn -> Embedding (padding_idx=<pad>) -> x_0 ... x_n
     LSTM over x_{-1} x_0 ... x_n (from a zero state) -> Linear(hidden_dim, vocab_size)
 
 The output at the image step is not used; the output after <start> predicts w1, and so on. Training
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from showtell.config import DECODERS
 from showtell.errors import ShowtellError
 from showtell.limits import MAX_DIM, MAX_LAYERS, MAX_MEMBERS, MAX_VOCAB_SIZE, check_int
+from showtell.vocab import SPECIAL
 
 State = tuple[Tensor, Tensor]  # LSTM (h, c), each [num_layers, B, hidden_dim]
 SHOW_AND_TELL, ATTENTION = DECODERS  # ATTENTION: showtell.attention, Show, Attend and Tell
@@ -109,7 +110,7 @@ class CaptionModel(nn.Module):
         c = config
         self.image_proj = nn.Linear(c.feature_dim, c.embed_dim)
         self.image_norm = nn.BatchNorm1d(c.embed_dim) if c.batch_norm else None
-        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=SPECIAL.pad)
         self.drop = nn.Dropout(c.dropout)
         self.image_drop = nn.Dropout(c.dropout if c.image_dropout is None else c.image_dropout)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
@@ -161,7 +162,7 @@ class CaptionModel(nn.Module):
         """Mean cross-entropy over the non-<pad> targets. The output projection (the costly part with a large
         vocabulary) runs only on those positions."""
         targets = captions[:, 1:]
-        mask = targets != 0
+        mask = targets != SPECIAL.pad
         hidden = self._hidden(features, captions)[mask]  # [N, hidden]
         logits = self.head(self.drop(hidden))
         return F.cross_entropy(logits.float(), targets[mask], label_smoothing=label_smoothing)

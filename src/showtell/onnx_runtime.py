@@ -4,41 +4,33 @@
     [r.caption for r in captioner.caption(["photo.jpg"], beam_size=3)]
 
 Preprocessing reproduces the torchvision eval transform of ``showtell.encoders.Preprocess`` (on PIL images
-torchvision's Resize is PIL's resize, so the pixels are the same), and ``beam_search`` follows the rules of
-``showtell.decoding.BeamSearchDecoder`` step for step, so both runtimes give the same captions.
+torchvision's Resize is PIL's resize, so the pixels are the same), and decoding is ``showtell.decoding``'s loop and
+beam search in numpy, step for step, so both runtimes give the same captions.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from showtell.errors import ShowtellError
+from showtell.hypotheses import Hypothesis, Ranker
 from showtell.images import ImageInput, prepare
 from showtell.limits import MAX_BEAM_SIZE, MAX_HEADER_BYTES, MAX_LENGTH, check_int, check_preprocess
 from showtell.result import BatchCaptioning, Described
-from showtell.vocab import Vocabulary
+from showtell.vocab import SPECIAL, SpecialTokens, Vocabulary
 
 CONFIG_NAME = "showtell_onnx.json"  # = showtell.export.CONFIG_NAME (that module imports torch)
 FORMAT, FORMAT_VERSION = "showtell-onnx", 1
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 State = tuple[np.ndarray, ...]  # (h, c), each [layers, B, hidden]; an attention decoder's also map and keys
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # word ids, without <start>/<end>
-    logprob: float
-    score: float
-    finished: bool
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -64,13 +56,8 @@ def preprocess(img: Image.Image, size: int, interpolation: str, mean: Sequence[f
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-# ---------------------------------------------------------------------------------------------- beam search
-
-
-def _score(logprob: float, length: int, length_penalty: float | None) -> float:
-    if length_penalty is None:
-        return logprob / max(length, 1)
-    return logprob / ((5 + length) / 6) ** length_penalty
+# ---------------------------------------------------------------------------------------------- decoding
+# showtell.decoding's loop (`run`) and its BeamSearchDecoder, step for step in numpy (beam_size=1 is greedy).
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -87,77 +74,98 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(index, perm, 1)
 
 
-def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray, State], tuple[np.ndarray, State]],
-                features: np.ndarray, beam_size: int = 3, max_length: int = 20, start_id: int = 1, end_id: int = 2,
-                suppress: Sequence[int] = (0, 1, 3), length_penalty: float | None = None,
-                num_return: int = 1) -> list[list[Hypothesis]]:
-    """Batched beam search with the rules of ``showtell.decoding.BeamSearchDecoder`` (beam_size=1 is greedy).
+class BeamSearchDecoder:
+    """``showtell.decoding.BeamSearchDecoder`` in numpy: the same ``reset``/``update``/``finalize``, the same rules.
 
     Each step takes the top 2*beam of an image's (beams x vocab) cumulative log-probabilities, ties to the lower
     index; an <end> candidate is a finished hypothesis if it ranks within the top `beam`; the best `beam` other
     candidates go on. An image leaves the batch once it has `beam` finished hypotheses; after `max_length` words
-    the live beams are returned unfinished. Score = logprob / length (the <end> counts), or GNMT with alpha.
-    ``step`` returns log-probabilities [rows, vocab].
+    the live beams are returned unfinished.
     """
-    beam, n = beam_size, features.shape[0]
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
-    unfinished: list[list[Hypothesis]] = [[] for _ in range(n)]
 
-    def add(target: list[list[Hypothesis]], imgs: np.ndarray, toks: np.ndarray, lps: np.ndarray, done: bool) -> None:
-        for i, tk, lp in zip(imgs.tolist(), toks.tolist(), lps.tolist(), strict=True):
-            if math.isfinite(lp):  # as in showtell.decoding: no NaN or inf score reaches a caller
-                target[i].append(Hypothesis(tk, lp, _score(lp, len(tk) + int(done), length_penalty), done))
+    def __init__(self, beam_size: int, end: int):
+        self.beam, self.end = beam_size, end
 
-    suppress = np.asarray(sorted(set(suppress)), dtype=np.int64)
+    def reset(self, batch_size: int, out: Ranker) -> None:
+        self.out = out
+        self.images = np.arange(batch_size)  # the image of each row of `cum`
+        self.num_finished = np.zeros(batch_size, dtype=np.int64)
+        self.cum = np.zeros((batch_size, 1), dtype=np.float32)  # [images, beams]
+        self.beams = np.zeros((batch_size, 1, 0), dtype=np.int64)  # [images, beams, t]
+
+    @property
+    def words(self) -> np.ndarray:
+        n, nb, t = self.beams.shape
+        return self.beams.reshape(n * nb, t)
+
+    def update(self, logprobs: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        beam, (n, nb, t) = self.beam, self.beams.shape
+        vocab = logprobs.shape[1]
+        scores = (logprobs.reshape(n, nb, vocab) + self.cum[:, :, None]).reshape(n, nb * vocab)
+        k = min(2 * beam, nb * vocab)
+        index = _top_k(scores, k)
+        top = np.take_along_axis(scores, index, 1)
+        source, token = index // vocab, index % vocab
+        is_end = token == self.end
+        ended = is_end & (np.arange(k) < beam) & (top > -np.inf)  # possible <end>s within the top `beam`
+        if ended.any():
+            rows, cols = ended.nonzero()
+            self.out.add(self.images[rows], self.beams[rows, source[rows, cols]], top[rows, cols], finished=True)
+            self.num_finished += ended.sum(axis=1)
+        if last:
+            return None
+        order = np.argsort(is_end.astype(np.uint8), axis=1, kind="stable")[:, : min(beam, k - nb)]
+        top, source, token = (np.take_along_axis(x, order, 1) for x in (top, source, token))
+        keep = (self.num_finished < beam).nonzero()[0]
+        if keep.size == 0:
+            self.images, self.cum, self.beams = keep, self.cum[:0], self.beams[:0]
+            return None
+        images, num_finished = self.images, self.num_finished
+        if keep.size < n:
+            images, num_finished, top, source, token = (x[keep] for x in (images, num_finished, top, source, token))
+        rows = ((keep * nb)[:, None] + source).reshape(-1)
+        self.beams = np.concatenate([self.words[rows], token.reshape(-1, 1)], axis=1).reshape(*token.shape, t + 1)
+        self.images, self.num_finished, self.cum = images, num_finished, top
+        return token.reshape(-1), rows
+
+    def finalize(self) -> Ranker:
+        self.out.add(np.repeat(self.images, self.cum.shape[1]), self.words, self.cum.reshape(-1), finished=False)
+        return self.out
+
+
+def run(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray, State], tuple[np.ndarray, State]],
+        features: np.ndarray, decoder: BeamSearchDecoder, suppress: Sequence[int], start: int, max_length: int,
+        out: Ranker) -> Ranker:
+    """``showtell.decoding.run`` in numpy; ``step`` returns log-probabilities [rows, vocab]. The filters are
+    decoding's NaNIsImpossible and SuppressTokens(``suppress``)."""
+    n = features.shape[0]
+    decoder.reset(n, out)
     state = init(features)
-    images = np.arange(n)
-    num_finished = np.zeros(n, dtype=np.int64)
-    cum = np.zeros((n, 1), dtype=np.float32)  # [images, beams]
-    words = np.zeros((n, 1, 0), dtype=np.int64)  # [images, beams, t]
-    tokens = np.full(n, start_id, dtype=np.int64)
+    tokens = np.full(n, start, dtype=np.int64)
     for t in range(max_length + 1):
         logprobs, state = step(tokens, state)
         logprobs = np.array(logprobs, dtype=np.float32)  # a writable copy
         logprobs[np.isnan(logprobs)] = -np.inf  # NaN (a model whose outputs overflowed) counts as impossible
         logprobs[:, suppress] = -np.inf
-        n, nb = cum.shape
-        vocab = logprobs.shape[1]
-        scores = (logprobs.reshape(n, nb, vocab) + cum[:, :, None]).reshape(n, nb * vocab)
-        k = min(2 * beam, nb * vocab)
-        index = _top_k(scores, k)
-        top = np.take_along_axis(scores, index, 1)
-        source, token = index // vocab, index % vocab
-        is_end = token == end_id
-        ended = is_end.copy()
-        ended[:, beam:] = False
-        ended &= top > -np.inf
-        if ended.any():
-            rows, cols = ended.nonzero()
-            add(finished, images[rows], words[rows, source[rows, cols]], top[rows, cols], True)
-            num_finished += ended.sum(axis=1)
-        if t == max_length:
-            add(unfinished, np.repeat(images, nb), words.reshape(n * nb, t), cum.reshape(-1), False)
+        chosen = decoder.update(logprobs, last=t == max_length)
+        if chosen is None:
             break
-        order = np.argsort(is_end.astype(np.uint8), axis=1, kind="stable")[:, : min(beam, k - nb)]
-        top, source, token = (np.take_along_axis(x, order, 1) for x in (top, source, token))
-        keep = (num_finished < beam).nonzero()[0]
-        if keep.size == 0:
-            break
-        if keep.size < n:
-            images, num_finished, top, source, token = (x[keep] for x in (images, num_finished, top, source, token))
-        rows = (keep * nb)[:, None] + source
-        rows = rows.reshape(-1)
-        state = tuple(s[:, rows] for s in state)
-        words = np.concatenate([words.reshape(n * nb, t)[rows], token.reshape(-1, 1)], axis=1)
-        words = words.reshape(*token.shape, t + 1)
-        cum, tokens = top, token.reshape(-1)
-    out = []
-    for fin, unf in zip(finished, unfinished, strict=True):
-        fin = sorted(fin, key=lambda h: -h.score)
-        seen = {tuple(h.tokens) for h in fin}
-        unf = sorted((h for h in unf if tuple(h.tokens) not in seen), key=lambda h: -h.score)
-        out.append((fin + unf)[: min(num_return, beam)])
-    return out
+        tokens, rows = chosen
+        if rows is not None:
+            state = tuple(s[:, rows] for s in state)
+    return decoder.finalize()
+
+
+def beam_search(init: Callable[[np.ndarray], State], step: Callable[[np.ndarray, State], tuple[np.ndarray, State]],
+                features: np.ndarray, beam_size: int = 3, max_length: int = 20, special: SpecialTokens = SPECIAL,
+                suppress_unk: bool = True, length_penalty: float | None = None,
+                num_return: int = 1) -> list[list[Hypothesis]]:
+    """``showtell.decoding.decode`` with beam search (beam_size=1 is greedy), in numpy: per image, the best
+    ``min(num_return, beam_size)`` hypotheses."""
+    suppress = [special.pad, special.start, *([special.unk] if suppress_unk else [])]
+    ranker = run(init, step, features, BeamSearchDecoder(beam_size, special.end), suppress, special.start, max_length,
+                 Ranker(features.shape[0], length_penalty))
+    return ranker.rank(min(num_return, beam_size))
 
 
 # ---------------------------------------------------------------------------------------------- captioner
@@ -221,11 +229,9 @@ class OnnxCaptioner(BatchCaptioning):
         """Decode encoder features: per image, (caption, score) pairs best first."""
         check_int("decoding: beam_size", beam_size, 1, MAX_BEAM_SIZE)  # the bounds of showtell.decoding
         check_int("decoding: max_length", max_length, 1, MAX_LENGTH)
-        sp = self.special
-        suppress = [sp["pad"], sp["start"], *([sp["unk"]] if suppress_unk else [])]
         hyps = beam_search(self._init, self._step, feats, beam_size=beam_size, max_length=max_length,
-                           start_id=sp["start"], end_id=sp["end"], suppress=suppress,
-                           length_penalty=length_penalty, num_return=max(1, num_return))
+                           special=self.special, suppress_unk=suppress_unk, length_penalty=length_penalty,
+                           num_return=max(1, num_return))
         return [[(self.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in hyps]
 
     def _load(self, src: ImageInput) -> np.ndarray | str:
@@ -273,8 +279,9 @@ def _read_config(path: Path) -> tuple[dict, dict]:
         special, files = config["special_ids"], config["files"]
         if not isinstance(special, dict) or not isinstance(files, dict):
             raise ShowtellError("special_ids and files must be mappings")
-        for key in ("pad", "start", "end", "unk"):
+        for key in asdict(SPECIAL):
             check_int(f"special_ids: {key}", special.get(key), 0, len(vocab) - 1)
+        special = SpecialTokens(**{key: special[key] for key in asdict(SPECIAL)})
         graphs = {key: files.get(key) for key in ("encoder", "decoder_init", "decoder_step", "tagger")
                   if key != "tagger" or key in files}
         for key, name in graphs.items():

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from showtell.config import TrainConfig
 from showtell.datasets import CaptionRecord
+from showtell.decoding import GreedyDecoder, SamplingDecoder, run
 from showtell.devices import mixed_precision
 from showtell.model import CaptionModel, Ensemble
-from showtell.vocab import Vocabulary, tokenize
+from showtell.vocab import SPECIAL, SpecialTokens, Vocabulary, tokenize
 
 Ngrams = list[dict[tuple[str, ...], float]]
 
@@ -107,64 +107,78 @@ class Reward:
         return value + self.weight * self.bleu.score(candidate, image) if self.bleu else value
 
 
+class _Policy:
+    """What SCST samples from and optimises: the model's next-word distribution over the words a caption may contain
+    (never <pad>, <start> or <unk>), renormalised."""
+
+    def __init__(self, model: CaptionModel, special: SpecialTokens):
+        self.model, self.banned = model, [special.pad, special.start, special.unk]
+
+    def init_state(self, features: torch.Tensor):
+        return self.model.init_state(features)
+
+    def step(self, tokens: torch.Tensor, state):
+        logits, state = self.model.step(tokens, state)
+        logits[:, self.banned] = float("-inf")
+        return logits, state
+
+
+class _Samples:
+    """Collects the samples as they end (in the place of decoding's ranker), keeping the log-probabilities' graph."""
+
+    def __init__(self):
+        self.parts: list[tuple[torch.Tensor, list[list[int]], torch.Tensor, bool]] = []
+
+    def add(self, rows: torch.Tensor, words: torch.Tensor, logprobs: torch.Tensor, finished: bool) -> None:
+        self.parts.append((rows, words.tolist(), logprobs, finished))
+
+    def in_order(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Per row: the word ids, the summed log-probability and the length (words and the <end> when emitted)."""
+        order = torch.cat([rows for rows, *_ in self.parts]).argsort().tolist()
+        words = [w for _, ws, _, _ in self.parts for w in ws]
+        lengths = [len(w) + fin for _, ws, _, fin in self.parts for w in ws]
+        logprobs = torch.cat([lp for _, _, lp, _ in self.parts])
+        return ([words[i] for i in order], logprobs[order],
+                torch.tensor([lengths[i] for i in order], device=logprobs.device))
+
+
 def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int,
-                    end_id: int, banned: Sequence[int], generator: torch.Generator | None = None,
-                    greedy: bool = False):
-    """Sample ``samples`` captions per image with gradients (``greedy``: the most likely word each step):
-    returns tokens [B*k, T] (0 after <end>), summed log-probabilities [B*k] and lengths [B*k] (words plus <end>
-    when emitted)."""
-    feats = features.repeat_interleave(samples, dim=0)
-    n = feats.shape[0]
-    state = model.init_state(feats)
-    tokens = torch.full((n,), 1, dtype=torch.long)  # <start>
-    alive = torch.ones(n, dtype=torch.bool)
-    out, logps = [], []
-    for _ in range(max_length + 1):
-        logits, state = model.step(tokens, state)
-        logits[:, list(banned)] = float("-inf")
-        logp = F.log_softmax(logits, dim=-1)
-        if greedy:
-            tokens = logp.detach().argmax(-1)
-        else:
-            tokens = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
-        tokens = torch.where(alive, tokens, torch.zeros_like(tokens))
-        logps.append(logp.gather(1, tokens[:, None]).squeeze(1) * alive)
-        out.append(tokens)
-        alive = alive & (tokens != end_id)
-        if not alive.any():
-            break
-    tokens = torch.stack(out, 1)
-    lengths = ((tokens != 0).sum(1)).clamp(min=1)
-    return tokens, torch.stack(logps, 1).sum(1), lengths
+                    special: SpecialTokens = SPECIAL, generator: torch.Generator | None = None,
+                    greedy: bool = False) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Sample ``samples`` captions per image with gradients (``greedy``: the most likely word each step), through
+    decoding's loop: returns the word ids of each (without <end>), their summed log-probabilities [B*k] and lengths
+    [B*k] (words plus <end> when emitted)."""
+    decoder = GreedyDecoder(special.end) if greedy else SamplingDecoder(special.end, generator=generator)
+    samples_of = run(_Policy(model, special), features.repeat_interleave(samples, dim=0), decoder, [], special.start,
+                     max_length, _Samples())
+    return samples_of.in_order()
 
 
 def scst_loss(model: CaptionModel, features: torch.Tensor, images: Sequence[int], reward: CiderD | Reward,
-              itos: list[str], samples: int = 5, max_length: int = 16, end_id: int = 2,
-              banned: Sequence[int] = (0, 1, 3), generator: torch.Generator | None = None,
+              vocab: Vocabulary, samples: int = 5, max_length: int = 16, generator: torch.Generator | None = None,
               baseline: str = "mean") -> tuple[torch.Tensor, float]:
     """The self-critical loss of one batch, and the mean reward (``reward.score(words, image)``) of its samples.
     ``baseline``: "mean", each sample against the mean reward of the image's other samples; "greedy", against
     the reward of the image's greedy caption from the model in eval mode (Rennie et al. 2017)."""
 
-    def rewards_of(tokens: torch.Tensor, per_image: int) -> torch.Tensor:
-        words = [[itos[t] for t in row if t > 3] for row in tokens.tolist()]
-        return torch.tensor([reward.score(w, images[i // per_image]) for i, w in enumerate(words)])
+    def rewards_of(captions: list[list[int]], per_image: int) -> torch.Tensor:
+        return torch.tensor([reward.score(vocab.words(c), images[i // per_image]) for i, c in enumerate(captions)])
 
     if baseline not in ("mean", "greedy") or samples < (2 if baseline == "mean" else 1):
         raise ValueError(f"scst_loss: baseline {baseline!r} with {samples} sample(s) per image")
-    tokens, logp, lengths = sample_captions(model, features, samples, max_length, end_id, banned, generator)
-    rewards = rewards_of(tokens, samples)
+    captions, logp, lengths = sample_captions(model, features, samples, max_length, vocab.special, generator)
+    rewards = rewards_of(captions, samples)
     grouped = rewards.view(-1, samples)
     if baseline == "greedy":
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            greedy, _, _ = sample_captions(model, features, 1, max_length, end_id, banned, greedy=True)
+            greedy, _, _ = sample_captions(model, features, 1, max_length, vocab.special, greedy=True)
         model.train(was_training)
         base = rewards_of(greedy, 1)[:, None]
     else:
         base = (grouped.sum(1, keepdim=True) - grouped) / (samples - 1)  # mean of the other samples
-    advantage = (grouped - base).view(-1)
+    advantage = (grouped - base).view(-1).to(logp.device)
     loss = -(advantage * logp / lengths).mean()
     return loss, float(rewards.mean())
 
@@ -200,9 +214,9 @@ class SelfCriticalStage:
             views = rng.integers(0, feats.shape[1], size=len(idx))
             feats = feats[torch.arange(len(idx)), torch.from_numpy(views)].float().to(self.device)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, reward = scst_loss(self.model, feats, idx.tolist(), self.reward, self.vocab.itos,
+                loss, reward = scst_loss(self.model, feats, idx.tolist(), self.reward, self.vocab,
                                          samples=c.scst_samples, max_length=c.scst_max_length,
-                                         baseline=c.scst_baseline, end_id=self.vocab.end_id, generator=gen)
+                                         baseline=c.scst_baseline, generator=gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)

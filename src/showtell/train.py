@@ -36,7 +36,7 @@ from showtell.images import load_image
 from showtell.model import ATTENTION, CaptionModel, Ensemble
 from showtell.runs import DEV_METRICS, MetricsLog, load_init, restore_optimizer, save_run_checkpoint, start_run
 from showtell.scst import SelfCriticalStage
-from showtell.vocab import Vocabulary
+from showtell.vocab import SPECIAL, Vocabulary
 
 
 @dataclass
@@ -143,7 +143,7 @@ class CrossEntropyStage:
 
         def encode(cap: str) -> list[int]:
             ids = vocab.encode(cap)
-            return ids if len(ids) <= c.max_words + 2 else [*ids[: c.max_words + 1], vocab.end_id]
+            return ids if len(ids) <= c.max_words + 2 else [*ids[: c.max_words + 1], vocab.special.end]
 
         self.items = [(i, encode(cap)) for i, r in enumerate(records) for cap in r.captions]  # (record, tokens)
         self.sampler = LengthBucketSampler([len(t) for _, t in self.items], c.batch_size, seed=c.seed,
@@ -204,7 +204,7 @@ class CrossEntropyStage:
             self.optimizer.zero_grad(set_to_none=True)
             weight = 1.0
             if self.world > 1:  # DDP averages the ranks' gradients: weight each rank by its share of the tokens
-                tokens = (caps[:, 1:] != 0).sum().to("cpu", torch.float64).reshape(1)
+                tokens = (caps[:, 1:] != SPECIAL.pad).sum().to("cpu", torch.float64).reshape(1)
                 mine = tokens.item()
                 torch.distributed.all_reduce(tokens)
                 weight = mine * self.world / tokens.item()
@@ -219,7 +219,7 @@ class CrossEntropyStage:
                                            c.grad_clip)
             scaler.step(self.optimizer)
             scaler.update()
-            n = int((caps[:, 1:] != 0).sum())
+            n = int((caps[:, 1:] != SPECIAL.pad).sum())
             total_loss += loss.item() * n
             total_tokens += n
             seen += len(idx)

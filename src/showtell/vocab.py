@@ -11,6 +11,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from showtell.errors import ShowtellError
@@ -18,6 +19,19 @@ from showtell.limits import MAX_VOCAB_SIZE, is_int
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids of the special tokens, by name (``Vocabulary.special``): no other module writes them as numbers."""
+
+    pad: int
+    start: int
+    end: int
+    unk: int
+
+
+SPECIAL = SpecialTokens(*range(len(SPECIALS)))  # every vocabulary starts with SPECIALS, in this order
 FORMAT = "showtell-vocab"
 FORMAT_VERSION = 1
 
@@ -57,7 +71,8 @@ class Vocabulary:
         self.stoi: dict[str, int] = {t: i for i, t in enumerate(self.itos)}
         self.min_count = min_count
 
-    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    special = SPECIAL  # what decoding, training and export take
+    pad_id, start_id, end_id, unk_id = SPECIAL.pad, SPECIAL.start, SPECIAL.end, SPECIAL.unk
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
@@ -80,6 +95,10 @@ class Vocabulary:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a token id sequence: stops at <end>, drops special tokens."""
+        return " ".join(self.words(ids))
+
+    def words(self, ids: Iterable[int]) -> list[str]:
+        """The words of a token id sequence: stops at <end>, drops special tokens."""
         words = []
         for i in ids:
             i = int(i)
@@ -87,7 +106,7 @@ class Vocabulary:
                 break
             if i >= len(SPECIALS) and i < len(self.itos):
                 words.append(self.itos[i])
-        return " ".join(words)
+        return words
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "min_count": self.min_count, "tokens": self.itos}
