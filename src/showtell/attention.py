@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from showtell.errors import ShowtellError
 from showtell.model import ATTENTION, ModelConfig
+from showtell.vocab import SPECIAL, SpecialTokens
 
 ATTENTION_REG = 1.0  # weight of the doubly stochastic regularisation (Xu et al.'s lambda)
 State = tuple[Tensor, Tensor, Tensor, Tensor]  # h, c [1, B, hidden]; map [L, B, feature_dim]; keys [L, B, hidden]
@@ -40,7 +41,7 @@ class AttentionModel(nn.Module):
         self.init_h, self.init_c = nn.Linear(d, h), nn.Linear(d, h)
         self.feature_att, self.hidden_att, self.att = nn.Linear(d, a), nn.Linear(h, a), nn.Linear(a, 1)
         self.gate = nn.Linear(h, d)
-        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=SPECIAL.pad)
         self.cell = nn.LSTMCell(c.embed_dim + d, h)
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(h, c.vocab_size)
@@ -101,7 +102,7 @@ class AttentionModel(nn.Module):
     def loss(self, features: Tensor, captions: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Mean cross-entropy over the non-<pad> targets plus the doubly stochastic regularisation."""
         targets = captions[:, 1:]
-        mask = targets != 0
+        mask = targets != SPECIAL.pad
         hidden, alphas = self._run(features, captions)
         logits = self.head(self.drop(hidden[mask]))
         xe = F.cross_entropy(logits.float(), targets[mask], label_smoothing=label_smoothing)
@@ -120,14 +121,15 @@ class AttentionModel(nn.Module):
         return self.head(self.drop(h1)), (h1.unsqueeze(0), c1.unsqueeze(0), a, keys)
 
     @torch.inference_mode()
-    def attention_maps(self, features: Tensor, captions: list[list[int]], start_id: int = 1) -> list[Tensor]:
+    def attention_maps(self, features: Tensor, captions: list[list[int]],
+                       special: SpecialTokens = SPECIAL) -> list[Tensor]:
         """For each image's caption (word ids, no <start>/<end>), the attention each word was chosen with:
         [words, grid, grid] per image, each map summing to 1 (the same numbers as during decoding)."""
         n = max((len(t) for t in captions), default=0)
         if not captions or n == 0:
             return [torch.zeros(0, self.config.grid, self.config.grid) for _ in captions]
-        padded = torch.zeros(len(captions), n + 1, dtype=torch.long, device=features.device)
-        padded[:, 0] = start_id
+        padded = torch.full((len(captions), n + 1), special.pad, dtype=torch.long, device=features.device)
+        padded[:, 0] = special.start
         for i, tokens in enumerate(captions):
             padded[i, 1:len(tokens) + 1] = torch.tensor(tokens, dtype=torch.long)
         was_training = self.training

@@ -143,7 +143,7 @@ class Captioner(BatchCaptioning):
         """Per image, where the attention decoder looked for each word of its best caption: (word, [grid, grid]
         numpy map summing to 1) pairs."""
         best = [per_image[0].tokens if per_image else [] for per_image in hyps]
-        maps = self.model.attention_maps(feats.to(self.device), best, start_id=self.vocab.start_id)
+        maps = self.model.attention_maps(feats.to(self.device), best, self.vocab.special)
         return [[(self.vocab.itos[t], m.numpy()) for t, m in zip(tokens, grid)] for tokens, grid in zip(best, maps)]
 
     def _describe(self, images: torch.Tensor, options: DecodingOptions, tags: int) -> list[Described]:
