@@ -250,8 +250,8 @@ def test_self_critical_loss_runs_through_the_same_step_interface():
     model = make_model().train()
     itos = ["<pad>", "<start>", "<end>", "<unk>", *[f"w{i}" for i in range(4, 30)]]
     reward = Reward([[["w5", "w6", "w7"], ["w5", "w8"]], [["w9", "w10"]]])
-    loss, mean_reward = scst_loss(model, torch.randn(2, 9, 16), [0, 1], reward, itos, samples=3, max_length=6,
-                                  generator=torch.Generator().manual_seed(0))
+    loss, mean_reward = scst_loss(model, torch.randn(2, 9, 16), [0, 1], reward, Vocabulary(itos), samples=3,
+                                  max_length=6, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and mean_reward >= 0
     loss.backward()
     assert model.att.weight.grad is not None and model.att.weight.grad.abs().sum() > 0  # attention learns from it

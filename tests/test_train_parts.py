@@ -59,12 +59,13 @@ def test_cross_entropy_learning_rate_decays_per_epoch():
 
 @pytest.mark.slow
 def test_self_critical_stage_raises_the_reward():
-    """From an untrained model the samples' mean CIDEr-D is about 0.6 (a few words in common with the references);
-    40 epochs of one batch at a high learning rate more than double it (measured: 0.57 -> 1.42, 5-epoch means)."""
+    """From an untrained model the samples' mean CIDEr-D is about 0.7 (a few words in common with the references);
+    80 epochs of one batch more than double it (measured with the shared decoding loop's sampler: 0.67 -> 3.54,
+    10-epoch means; the reward is noisy from epoch to epoch, so the first and last ten are compared)."""
     vocab, model, features = setup()
-    stage = SelfCriticalStage(replace(CONFIG, scst_lr=0.1), model, vocab, RECORDS, features, CPU, quiet=True)
-    rewards = [stage.epoch(e) for e in range(1, 41)]
-    assert sum(rewards[-5:]) > 2 * sum(rewards[:5])
+    stage = SelfCriticalStage(replace(CONFIG, scst_lr=0.03), model, vocab, RECORDS, features, CPU, quiet=True)
+    rewards = [stage.epoch(e) for e in range(1, 81)]
+    assert sum(rewards[-10:]) > 2 * sum(rewards[:10])
 
 
 def test_resumed_run_continues_exactly_and_refuses_other_settings(tmp_path):

@@ -79,7 +79,8 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
         else:
             ready.put(_End())
 
-    threading.Thread(target=feed, name="showtell-feed", daemon=True).start()
+    feeder = threading.Thread(target=feed, name="showtell-feed", daemon=True)
+    feeder.start()
     try:
         while not isinstance(item := ready.get(), _End):
             batch, futures = item
@@ -90,8 +91,11 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
     finally:
         closed.set()
         slots.release()  # wakes the feeder if it waits for a slot; it then stops
+        # nothing may still be decoding once the caller has gone: a load running while the interpreter exits (an
+        # error ended the run) aborted it ("terminate called without an active exception")
+        feeder.join(timeout=5)
         if own:  # the caller's pool goes on (loads already started for batches nobody takes just finish)
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _acquired(batches: Iterable[Sequence[T]], slots: threading.Semaphore, closed: threading.Event) -> Iterator:
