@@ -144,3 +144,20 @@ def rank_batches(lengths: list[int], batch_size: int, seed: int, world: int, epo
         ranks.append(list(sampler))
         assert len(ranks[-1]) == len(sampler)
     return ranks
+
+
+def numpy_model(model):
+    """A torch model behind the numpy init/step interface of onnx_runtime.beam_search."""
+    import torch
+    import torch.nn.functional as F
+
+    def init(features):
+        with torch.inference_mode():
+            return tuple(s.numpy() for s in model.init_state(torch.from_numpy(features)))
+
+    def step(tokens, state):
+        with torch.inference_mode():
+            logits, (h, c) = model.step(torch.from_numpy(tokens), tuple(map(torch.from_numpy, state)))
+            return F.log_softmax(logits.float(), dim=-1).numpy(), (h.numpy(), c.numpy())
+
+    return init, step

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import numpy_model
 
 from showtell.decoding import DecodingOptions, decode
 from showtell.hypotheses import Hypothesis, score
@@ -35,15 +36,7 @@ def features() -> torch.Tensor:
 
 
 def _numpy(model: CaptionModel, features: torch.Tensor, beam: int) -> list[list[Hypothesis]]:
-    def init(feats):
-        with torch.inference_mode():
-            return tuple(s.numpy() for s in model.init_state(torch.from_numpy(feats)))
-
-    def step(tokens, state):
-        with torch.inference_mode():
-            logits, (h, c) = model.step(torch.from_numpy(tokens), tuple(map(torch.from_numpy, state)))
-            return F.log_softmax(logits.float(), dim=-1).numpy(), (h.numpy(), c.numpy())
-
+    init, step = numpy_model(model)
     return beam_search(init, step, features.numpy(), beam_size=beam, max_length=MAX_LENGTH, num_return=beam)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import numpy_model
 from PIL import Image
 
 import showtell
@@ -105,20 +105,6 @@ def test_numpy_preprocessing_matches_torchvision(pre, photos):
         assert np.abs(got - expected).max() == 0.0
 
 
-def _numpy_model(model: CaptionModel):
-    """A torch model behind the numpy init/step interface of onnx_runtime.beam_search."""
-    def init(features):
-        with torch.inference_mode():
-            return tuple(s.numpy() for s in model.init_state(torch.from_numpy(features)))
-
-    def step(tokens, state):
-        with torch.inference_mode():
-            logits, (h, c) = model.step(torch.from_numpy(tokens), tuple(map(torch.from_numpy, state)))
-            return F.log_softmax(logits.float(), dim=-1).numpy(), (h.numpy(), c.numpy())
-
-    return init, step
-
-
 def test_numpy_beam_search_follows_the_torch_rules_bit_for_bit():
     """Same model outputs in, same hypotheses out: tokens, log-probabilities, scores, finished flags."""
     threads = torch.get_num_threads()
@@ -133,7 +119,7 @@ def test_numpy_beam_search_follows_the_torch_rules_bit_for_bit():
                     p.mul_(4.0)
             model.eval()
             features = torch.randn(7, 6)
-            init, step = _numpy_model(model)
+            init, step = numpy_model(model)
             for beam, max_length, alpha in [(1, 6, None), (2, 3, None), (3, 8, None), (4, 8, 0.7), (5, 1, None)]:
                 options = DecodingOptions(beam_size=beam, max_length=max_length, length_penalty=alpha,
                                           num_return=beam)
