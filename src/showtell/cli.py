@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     cap.add_argument("--model", help="checkpoint file (default: the built-in model); --runtime onnx: export folder")
     cap.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
-                     help="onnx: run a `showtell export` folder with onnxruntime, without torch (default torch)")
+                     help="onnx: run a `showtell export` folder with onnxruntime, without torch: the model's own "
+                          "captions and tags, no confidence or grounding (default torch)")
     cap.add_argument("--beam-size", type=_count(1, MAX_BEAM_SIZE), default=3,
                      help=f"beam width, 1-{MAX_BEAM_SIZE}; 1 = greedy (default 3)")
     cap.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=20,
@@ -606,10 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=_count(1, MAX_BATCH_SIZE), default=32,
                      help=f"images per batch, 1-{MAX_BATCH_SIZE} (default 32)")
     cap.add_argument("--format", choices=("text", "jsonl"), default="text",
-                     help="text: path<TAB>caption[<TAB>tags: label (p), ...] lines, one per captioned photo; "
+                     help="text: path<TAB>caption[<TAB>confidence: c][<TAB>tags: label (p), ...][<TAB>model caption: "
+                          "the model's own, where grounding replaced it] lines, one per captioned photo; "
                           "a backslash, TAB, newline or CR in a path is written \\\\, \\t, \\n, \\r and a byte "
                           "that is not UTF-8 as \\xNN (so are paths in messages). jsonl: one JSON object a line, "
-                          "{\"image\", \"caption\", \"score\", \"tags\": [{\"label\", \"p\"}, ...]}, or for a "
+                          "{\"image\", \"caption\", \"score\", \"confidence\", \"model_caption\" (where "
+                          "grounded), \"tags\": [{\"label\", \"p\"}, ...]}, or for a "
                           "photo that failed {\"image\", \"caption\": null, \"score\": null, \"error\"}; a path "
                           "byte that is not UTF-8 is a \\udcNN escape (Python: os.fsencode() of the name gives the "
                           "bytes back)")
@@ -655,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.csv, plot)")
     train.add_argument("--config", help="TOML file of training settings (flags override it)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bars, "
+                       "epoch lines or summary; metrics.csv in --out still has every epoch)")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
