@@ -131,11 +131,11 @@ class ConfidenceModel:
         """[N, len(INPUTS)] for N images: their features, their beams ((caption, score), best first; the first is
         the caption judged) and their tag probabilities [N, 1000]."""
         fam = familiarity(features, self.centroids).tolist()
-        top_p, top_i = tag_probs.float().topk(min(TOP_TAGS, tag_probs.shape[1]), dim=1)
+        top_p, top_i = (t.tolist() for t in tag_probs.float().topk(min(TOP_TAGS, tag_probs.shape[1]), dim=1))
         rows = []
         for n, image_beams in enumerate(beams):
             words = image_beams[0][0].split()
-            top = list(zip(top_i[n].tolist(), top_p[n].tolist()))
+            top = list(zip(top_i[n], top_p[n]))
             rows.append([image_beams[0][1], beam_agreement(words, [c.split() for c, _ in image_beams[1:]]),
                          top[0][1], tag_agreement(words, top, self.tag_words), fam[n]])
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(INPUTS))

@@ -6,7 +6,9 @@ samples through it too) plug with `update`/`finalize`, their hypotheses ranked b
 (``showtell.onnx_runtime`` has the same loop in numpy). Everything is batched over images (and beams, which are
 folded into the batch dimension); the per-step work is tensor ops whose Python cost does not grow with the batch.
 
-Images whose caption is complete are dropped from the batch, so a batch costs what its longest captions cost.
+Images whose caption is complete are dropped from the batch, so a batch costs what its longest captions cost. On a
+GPU a step waits for the device once, to learn which rows go on: the hypotheses that end are handed to the ranker
+after the loop.
 A caption that never emits <end> is still returned after `max_length` words, marked ``finished=False``.
 """
 
@@ -219,6 +221,7 @@ class GreedyDecoder(TokenDecoder):
         self.images = torch.arange(batch_size, device=device)  # the image of each row
         self.cum = torch.zeros(batch_size, device=device)
         self.words = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.ends: list[tuple[Tensor, ...]] = []  # per step: images, words, log-probabilities, which ended
 
     def choose(self, scores: Tensor, cum: Tensor) -> Tensor:
         """Next token [N] from the cumulative scores [N, vocab] (cum [N] + this step's log-probabilities)."""
@@ -230,20 +233,23 @@ class GreedyDecoder(TokenDecoder):
         tokens = self.choose(scores, self.cum)
         cum = scores.gather(1, tokens.unsqueeze(1)).squeeze(1)
         ended = tokens == self.end
-        any_ended = bool(ended.any())
-        if any_ended:
-            self.out.add(self.images[ended], self.words[ended], cum[ended], finished=True)
+        self.ends.append((self.images, self.words, cum, ended))  # handed to `out` after the loop (no sync here)
+        keep = (~ended).nonzero().squeeze(1)  # the one sync of a step: which rows go on
         if last:  # out of room: the rest are returned unfinished
-            self.images, self.words, self.cum = self.images[~ended], self.words[~ended], self.cum[~ended]
+            self.images, self.words, self.cum = self.images[keep], self.words[keep], self.cum[keep]
             return None
-        self.words, self.cum = torch.cat([self.words, tokens.unsqueeze(1)], dim=1), cum
-        if not any_ended:
+        words = torch.cat([self.words, tokens.unsqueeze(1)], dim=1)
+        if keep.numel() == tokens.numel():
+            self.words, self.cum = words, cum
             return tokens, None
-        keep = (~ended).nonzero().squeeze(1)
-        self.images, self.words, self.cum = self.images[keep], self.words[keep], self.cum[keep]
+        self.images, self.words, self.cum = self.images[keep], words[keep], cum[keep]
         return (tokens[keep], keep) if keep.numel() else None
 
     def finalize(self) -> Collector:
+        for images, words, cum, ended in self.ends:
+            rows = ended.nonzero().squeeze(1)
+            if rows.numel():
+                self.out.add(images[rows], words[rows], cum[rows], finished=True)
         self.out.add(self.images, self.words, self.cum, finished=False)
         return self.out
 
@@ -285,6 +291,7 @@ class BeamSearchDecoder(TokenDecoder):
         self.num_finished = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.cum = torch.zeros(batch_size, 1, device=device)  # [images, beams]: one beam per image to start with
         self.beams = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)  # [images, beams, t]
+        self.ends: list[tuple[Tensor, ...]] = []  # per step: images, beams, candidates' source and score, ended
 
     @property
     def words(self) -> Tensor:
@@ -302,13 +309,9 @@ class BeamSearchDecoder(TokenDecoder):
         index = index.gather(1, perm)
         source, token = index // vocab, index % vocab
         is_end = token == self.end
-        ended = is_end.clone()
-        ended[:, beam:] = False
-        ended &= top > -math.inf
-        if ended.any():
-            rows, cols = ended.nonzero(as_tuple=True)
-            self.out.add(self.images[rows], self.beams[rows, source[rows, cols]], top[rows, cols], finished=True)
-            self.num_finished += ended.sum(dim=1)
+        ended = is_end[:, :beam] & (top[:, :beam] > -math.inf)
+        self.ends.append((self.images, self.beams, source, top, ended))  # handed to `out` after the loop (no sync)
+        self.num_finished += ended.sum(dim=1)
         if last:  # out of room: the live beams are returned unfinished
             return None
         # the best non-<end> candidates go on; at most nb of the k candidates are <end>, so k - nb >= 1 remain
@@ -330,6 +333,10 @@ class BeamSearchDecoder(TokenDecoder):
         return token.view(-1), rows
 
     def finalize(self) -> Collector:
+        for images, beams, source, top, ended in self.ends:
+            rows, cols = ended.nonzero(as_tuple=True)
+            if rows.numel():
+                self.out.add(images[rows], beams[rows, source[rows, cols]], top[rows, cols], finished=True)
         self.out.add(self.images.repeat_interleave(self.cum.shape[1]), self.words, self.cum.view(-1), finished=False)
         return self.out
 

@@ -220,11 +220,12 @@ class Ensemble(nn.Module):
         """Log of the members' mean next-word probability [B, vocab] (normalised log-probabilities are valid
         logits), and the new stacked state."""
         layers = self.config.num_layers
-        logprobs, hs, cs = [], [], []
+        logits, hs, cs = [], [], []
         for member, h, c in zip(self.members, state[0].split(layers), state[1].split(layers)):
-            logits, (h, c) = member.step(tokens, (h, c))
-            logprobs.append(F.log_softmax(logits.float(), dim=-1))
+            out, (h, c) = member.step(tokens, (h, c))
+            logits.append(out)
             hs.append(h)
             cs.append(c)
-        mean = torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(self.members))
+        logprobs = F.log_softmax(torch.stack(logits).float(), dim=-1)  # the members' at once: fewer ops a step
+        mean = torch.logsumexp(logprobs, dim=0) - math.log(len(self.members))
         return mean, (torch.cat(hs), torch.cat(cs))
