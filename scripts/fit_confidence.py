@@ -81,8 +81,8 @@ def beams_of(captioner, feats: torch.Tensor) -> list[list[tuple[str, float]]]:
 
 def decode_hyps(captioner):
     options = DecodingOptions(beam_size=BEAM, num_return=BEAM)
-    return lambda feats, changes, wrap: captioner.hypotheses(feats, replace(options, **changes),
-                                                             wrap(captioner.decoder))
+    return lambda feats, changes, wrap, filters: captioner.hypotheses(feats, replace(options, **changes),
+                                                                      wrap(captioner.decoder), filters)
 
 
 def per_image_cider(refs: list[list[str]], captions: list[str]) -> np.ndarray:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from showtell.decoding import BeamSearchDecoder, DecodingOptions, Hypothesis, decode, make_filters, run
+from showtell.decoding import (
+    BeamSearchDecoder,
+    DecodingOptions,
+    Hypothesis,
+    SuppressFirst,
+    decode,
+    make_filters,
+    run,
+)
 from showtell.errors import ShowtellError
 from showtell.hypotheses import Ranker
 from showtell.model import CaptionModel, ModelConfig
@@ -370,3 +379,20 @@ def test_tokens_can_be_barred_right_after_the_prefix_only(trained):
     assert barred[0] == prefix[0] and barred[1] != free[1]  # the word the model wanted there is barred ...
     later = decode(model, features[2:3], DecodingOptions(prefix=prefix, not_after_prefix=(free[2],)))[0][0].tokens
     assert later == free  # ... but not a word it wants later
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_first_words_can_be_barred_for_some_images_of_a_batch(trained, beam_size):
+    """How the grounding decodes images whose first word is barred together with images whose is not."""
+    model, features, _, words, _ = trained
+    options = DecodingOptions(beam_size=beam_size)
+    free = decode(model, features, options)
+    assert [h[0].tokens for h in free] == words
+    two_a = [words[1][0], words[2][0]]  # "two", "a"
+    barred = decode(model, features, options, filters=[SuppressFirst(two_a, [1, 2])])
+    assert barred[1][0].tokens[0] not in two_a and barred[2][0].tokens[0] not in two_a
+    for i in (1, 2):  # as the option does for a batch of that image alone
+        alone = decode(model, features[i:i + 1], replace(options, not_after_prefix=tuple(two_a)))
+        assert barred[i][0].tokens == alone[0][0].tokens
+    # the others keep their captions bit for bit, image 0's "a dog runs on the grass" too
+    assert same([barred[0], barred[3]], [free[0], free[3]])

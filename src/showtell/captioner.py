@@ -11,7 +11,7 @@ import torch
 
 from showtell.checkpoint import Checkpoint, load_checkpoint
 from showtell.confidence import ConfidenceModel
-from showtell.decoding import DecodingOptions, Hypothesis, decode
+from showtell.decoding import DecodingOptions, Hypothesis, LogitFilter, decode
 from showtell.errors import CheckpointError, ShowtellError
 from showtell.grounding import Grounding, GroundingRule
 from showtell.images import ImageInput, prepare
@@ -118,8 +118,9 @@ class Captioner(BatchCaptioning):
         rule = rule if ground else None
         return None if self.tagger is None else Grounding(confidence, rule, self.tagger, self.vocab)
 
-    def hypotheses(self, feats: torch.Tensor, options: DecodingOptions, model=None) -> list[list[Hypothesis]]:
-        return decode(model or self.decoder, feats.to(self.device), options, self.vocab.special)
+    def hypotheses(self, feats: torch.Tensor, options: DecodingOptions, model=None,
+                   filters: list[LogitFilter] = ()) -> list[list[Hypothesis]]:
+        return decode(model or self.decoder, feats.to(self.device), options, self.vocab.special, filters)
 
     def caption_features(self, feats: torch.Tensor, options: DecodingOptions) -> list[list[tuple[str, float]]]:
         """Decode encoder features: per image, (caption, score) pairs best first."""
@@ -167,8 +168,8 @@ class Captioner(BatchCaptioning):
             # grounded captions decode in fp32 even with the bf16 decoder: with it, their words changed with the other
             # photos of the batch ("a cat in the air" with three others, "a cat in a white shirt" alone)
             judged = self.grounding(
-                lambda f, changes, wrap: self.hypotheses(f, replace(every, **changes), wrap(self.model)), feats,
-                own, probs, every)
+                lambda f, changes, wrap, filters: self.hypotheses(f, replace(every, **changes), wrap(self.model),
+                                                                  filters), feats, own, probs, every)
         return [Described(beams[:options.num_return], t, confidence, mine[0][0] if grounded else None)
                 for (confidence, beams, grounded), t, mine in zip(judged, image_tags, own)]
 

@@ -116,6 +116,21 @@ class SuppressTokens(LogitFilter):
         logprobs.index_fill_(1, self.token_ids, -math.inf)
 
 
+class SuppressFirst(LogitFilter):
+    """Never produce these tokens as the first word of some images' captions (``images``: their rows in the batch;
+    at the first step the rows are the images, in order). So images whose first word is barred and images whose
+    is not decode in one batch."""
+
+    def __init__(self, token_ids: list[int], images: list[int]):
+        self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        self.images = torch.tensor(images, dtype=torch.long)
+
+    def apply(self, logprobs: Tensor, tokens: Tensor) -> None:
+        if tokens.shape[1] == 0:
+            rows, ids = self.images.to(logprobs.device), self.token_ids.to(logprobs.device)
+            logprobs[rows.unsqueeze(1), ids] = -math.inf
+
+
 class ForcePrefix(LogitFilter):
     """The first words are given: every other token is impossible there; the given one keeps its log-probability."""
 
@@ -357,14 +372,15 @@ def make_filters(options: DecodingOptions, special: SpecialTokens = SPECIAL) -> 
 
 
 def decode(model: StepModel, features: Tensor, options: DecodingOptions | None = None,
-           special: SpecialTokens = SPECIAL) -> list[list[Hypothesis]]:
+           special: SpecialTokens = SPECIAL, filters: list[LogitFilter] = ()) -> list[list[Hypothesis]]:
     """Caption a batch of image features [B, feature_dim]: one list of hypotheses per image, best first,
     ``min(num_return, beam_size)`` long (1 for greedy and sampling); shorter only when a tiny vocabulary has
     fewer distinct captions than that. Complete captions rank before unfinished ones (cut at ``max_length``).
     Every score is finite: a hypothesis whose log-probability is not (a model whose outputs are NaN or infinite)
     is dropped, so such a model can leave an image with an empty list.
 
-    An ``nn.Module`` in training mode is switched to eval mode for the call (dropout off) and back after.
+    ``filters`` apply after the options' own (per-image constraints such as :class:`SuppressFirst`). An
+    ``nn.Module`` in training mode is switched to eval mode for the call (dropout off) and back after.
     """
     options = options or DecodingOptions()
     if features.shape[0] == 0:
@@ -382,7 +398,8 @@ def decode(model: StepModel, features: Tensor, options: DecodingOptions | None =
         if was_training:
             model.eval()
         with torch.inference_mode():
-            run(model, features, decoder, make_filters(options, special), special.start, options.max_length, ranker)
+            run(model, features, decoder, [*make_filters(options, special), *filters], special.start,
+                options.max_length, ranker)
     finally:
         if was_training:
             model.train()

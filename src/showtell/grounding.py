@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from showtell.confidence import ConfidenceModel
-from showtell.decoding import DecodingOptions
+from showtell.decoding import DecodingOptions, LogitFilter, SuppressFirst
 from showtell.errors import ShowtellError
 from showtell.hypotheses import Hypothesis, score
 from showtell.vocab import Vocabulary, tokenize
@@ -76,8 +76,8 @@ def text_of(vocab: Vocabulary, tokens: list[int], unk_as: str | None) -> str:
 
 
 Beams = list[tuple[str, float]]  # (caption, score), best first
-# features, DecodingOptions changes, a wrapper of the decoder -> hypotheses per image
-DecodeHyps = Callable[[Tensor, dict, Callable], list[list[Hypothesis]]]
+# features, DecodingOptions changes, a wrapper of the decoder, more filters -> hypotheses per image
+DecodeHyps = Callable[[Tensor, dict, Callable, list[LogitFilter]], list[list[Hypothesis]]]
 
 
 class Prefixed:
@@ -124,12 +124,12 @@ class Grounding:
                      options: DecodingOptions) -> list[Beams]:
         """Per image, the beams of a caption about its tag (see :func:`guided_prefix`), decoded with ``options``."""
         out: list[Beams] = [[] for _ in tags]
-        groups: dict[tuple[int, bool], list[int]] = {}  # by prefix length and whether the tag's name is unknown
+        groups: dict[int, list[int]] = {}  # by prefix length: one decode for each
         prefixes = [guided_prefix(self.vocab, self.tagger.label(tag), list(self.confidence.tag_words.get(tag, ())))
                     for tag in tags]
-        for n, (prefix, unk_as) in enumerate(prefixes):
-            groups.setdefault((len(prefix), unk_as is not None), []).append(n)
-        for (length, unknown), rows in groups.items():
+        for n, (prefix, _) in enumerate(prefixes):
+            groups.setdefault(len(prefix), []).append(n)
+        for length, rows in groups.items():
             wrapped = Prefixed(None, [prefixes[n][0] for n in rows], self.vocab.special.start)
 
             def wrap(model, wrapped=wrapped):
@@ -137,8 +137,11 @@ class Grounding:
                 return wrapped
             # after a tag's name the sentence goes on with a verb or a preposition, not with a noun ("an espresso
             # dog"): the words any tag agrees with stand for the nouns
-            changes = {"max_length": options.max_length - length, "not_after_prefix": self.nouns if unknown else ()}
-            for n, hyps, before in zip(rows, decode_hyps(feats[rows], changes, wrap), wrapped.logprob.tolist()):
+            unknown = [i for i, n in enumerate(rows) if prefixes[n][1] is not None]
+            filters = [SuppressFirst(list(self.nouns), unknown)] if unknown and self.nouns else []
+            changes = {"max_length": options.max_length - length}
+            for n, hyps, before in zip(rows, decode_hyps(feats[rows], changes, wrap, filters),
+                                       wrapped.logprob.tolist()):
                 prefix, unk_as = prefixes[n]
                 scored = [(not h.finished, -score(before + h.logprob, length + len(h.tokens) + h.finished,
                                                    options.length_penalty), h) for h in hyps]
