@@ -484,3 +484,21 @@ def test_ctrl_c_exits_130_with_one_line(forty_photos, tiny_checkpoint):
     assert proc.returncode == 130, stderr
     assert stderr == "showtell: interrupted\n"
     assert len(stdout.splitlines()) < 39  # it stopped, it did not run to the end
+
+
+def test_ctrl_c_with_an_output_file_says_what_stays_and_how_to_go_on(forty_photos, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "showtell", "caption", str(forty_photos), "--model",
+                             str(tiny_checkpoint), "--batch-size", "2", "--beam-size", "1", "--format", "jsonl",
+                             "--output", str(out)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out.is_file() and out.read_bytes().count(b"\n") >= 2):  # captioning is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == (f"showtell: interrupted; the lines written stay in {out}; the same command with --resume "
+                      "continues\n")
+    assert 2 <= len(out.read_text().splitlines()) < 40

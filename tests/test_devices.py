@@ -56,3 +56,17 @@ def test_a_device_name_that_is_none_of_ours_is_a_usage_line(capsys):
     assert main(["caption", "x.jpg", "--device", "gpu0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "--device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu0'" in err[0]
+
+
+def test_more_processes_on_a_machine_than_gpus_is_one_line_before_the_process_group(monkeypatch):
+    """torchrun --nproc_per_node 3 on a machine with 2 GPUs: the third process says so (not CUDA's 'invalid device
+    ordinal'), before it joins the group."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    from showtell.devices import init_distributed
+
+    with pytest.raises(ShowtellError, match=r"process 2 of this machine \(LOCAL_RANK\) has no GPU of its own: the "
+                                            r"machine has 2; start at most 2 processes on it"):
+        init_distributed(torch.device("cuda"))

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -283,25 +284,72 @@ def _parts(output: str) -> dict[int, list[str]]:
     return {n: [ranks[r] for r in sorted(ranks)] for n, ranks in found.items()}
 
 
+def _remove_parts(output: str) -> None:
+    """Remove every share file beside ``output`` (a run to ``output`` replaced what they were for)."""
+    for part in itertools.chain(*_parts(output).values()):
+        try:
+            os.remove(part)
+        except FileNotFoundError:  # another run removed it
+            pass
+
+
 def _join_parts(output: str, world: int, append: bool) -> None:
     """Rank 0 of a caption run of ``world`` processes: their shares in input order (after what --output held, with
     --resume) replace --output in one rename; then every part beside it goes, also those of an abandoned run of
-    another number of processes (this run replaced what they were for; --resume refuses to start beside them)."""
+    another number of processes (this run replaced what they were for; --resume refuses to start beside them).
+    With --resume a part's line for a photo --output holds a caption for is not joined again: it is left from a
+    join that was stopped before it removed the parts, or from a run of one process over them."""
     import shutil
 
     from showtell.fileio import atomic_path
 
-    parts = _parts(output)
     try:
+        done = _done_images(output) if append else set()
         with atomic_path(output) as tmp, open(tmp, "wb") as joined:
-            for src in ([output] if append and os.path.exists(output) else []) + parts[world]:
-                with open(src, "rb") as f:
+            if append and os.path.exists(output):
+                with open(output, "rb") as f:
                     shutil.copyfileobj(f, joined)
-        for part in itertools.chain(*parts.values()):
-            os.remove(part)
+            for part in _parts(output).get(world, []):
+                with open(part, "rb") as f:
+                    joined.writelines(line for line in f if not done or _image_of(line) not in done)
+        _remove_parts(output)
     except OSError as e:
         raise ShowtellError(f"{output}: cannot join the shares of the processes ({e.strerror}); they stay in "
                             f"{output}.part-*, and --resume joins them") from None
+
+
+def _image_of(line: bytes) -> str | None:
+    """The image of a jsonl results line (None for a line that is not one)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("image") if isinstance(row, dict) else None
+
+
+def _barrier(target: str, fmt: str) -> None:
+    """Wait for every process of the run; one that died (its machine, a kill) is a one-line error here."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except RuntimeError:  # gloo: "Connection reset by peer"; NCCL: a timeout or a remote error
+        raise ShowtellError("another process of this run stopped before its share was done (see its messages); "
+                            + _kept(target, fmt)) from None
+
+
+def _kept(target: str, fmt: str) -> str:
+    """What a stopped caption run leaves, and how to go on."""
+    return (f"the lines written stay in {one_line(target)}"
+            + ("; the same command with --resume continues" if fmt == "jsonl" else ""))
+
+
+class _Stopped(Exception):
+    """SIGTERM in a caption run under torchrun: it stops every process so when one of them fails."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped
 
 
 def _distributed_caption(args: argparse.Namespace, world: int) -> None:
@@ -349,10 +397,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
         paths = paths[rank * len(paths) // world:(rank + 1) * len(paths) // world]
         empty_dirs = empty_dirs if rank == 0 else []
         target = f"{args.output}.part-{rank}-of-{world}"
+        signal.signal(signal.SIGTERM, _raise_stopped)  # say what stays when torchrun stops us (another one failed)
     if args.resume and _drop_torn_tail(target):
         print(f"showtell: warning: dropped a partial last line of {one_line(target)} (an interrupted write)",
               file=sys.stderr)
-    done = _done_images(args.output) | _done_images(target) if args.resume else set()
+    # every share of the run counts: a photo that moved to another share (the inputs changed) is not captioned twice
+    shares = [args.output, *_parts(args.output).get(world, [])] if args.resume else []
+    done = set().union(*map(_done_images, shares))
     todo = [p for p in paths if p not in done]
     if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
         from showtell.onnx_runtime import load_onnx
@@ -370,35 +421,48 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise ShowtellError(f"{target}: cannot write ({e.strerror})") from None
     gallery, failures, warned = [], 0, False
     try:
-        results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
-                                         batch_size=args.batch_size, tags=args.tags)
-        for r in itertools.chain(empty_dirs, results):
-            if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
-                failures += 1
-                print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
-            if r.tags_note and not warned and rank == 0:  # the same for every photo: say it once
-                print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
-                warned = True
-            if r.caption is not None or args.format == "jsonl":
-                _write(out, _result_line(r, args.format))
-            if args.html:
-                if not args.attention:
-                    r.attention = None
-                gallery.append(r)
-    finally:
-        if out is not sys.stdout:
-            try:
-                out.close()
-            except OSError:  # the write error is being reported already
-                pass
-    if world > 1:  # every share written: the first process joins them; the others wait, so none is cut off early
-        import torch.distributed as dist
+        try:
+            results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
+                                             batch_size=args.batch_size, tags=args.tags)
+            for r in itertools.chain(empty_dirs, results):
+                if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
+                    failures += 1
+                    print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
+                if r.tags_note and not warned and rank == 0:  # the same for every photo: say it once
+                    print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
+                    warned = True
+                if r.caption is not None or args.format == "jsonl":
+                    _write(out, _result_line(r, args.format))
+                if args.html:
+                    if not args.attention:
+                        r.attention = None
+                    gallery.append(r)
+        finally:
+            if out is not sys.stdout:
+                try:
+                    out.close()
+                except OSError:  # the write error is being reported already
+                    pass
+        if world > 1:  # every share written: the first process joins them; the others wait, so none is cut off early
+            _barrier(target, args.format)
+            if rank == 0:
+                _join_parts(args.output, world, append=args.resume)
+            _barrier(target, args.format)
+            import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0:
-            _join_parts(args.output, world, append=args.resume)
-        dist.barrier()
-        dist.destroy_process_group()
+            dist.destroy_process_group()
+        elif args.output and not args.resume:  # the parts of an abandoned torchrun run: this run replaced them
+            try:
+                _remove_parts(args.output)
+            except OSError as e:
+                raise ShowtellError(f"{args.output}: cannot remove the parts of an earlier run of several processes "
+                                    f"beside it ({e.strerror}); the captions were written") from None
+    except (KeyboardInterrupt, _Stopped) as e:  # Ctrl-C, or torchrun stopping us because another process failed
+        if not target:
+            raise
+        stop = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by torchrun (SIGTERM)"
+        print(f"showtell: {stop}; {_kept(target, args.format)}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     if args.html:  # after the results are out: a failure here loses no caption
         from showtell.report import write_gallery
 

@@ -45,6 +45,11 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         gpu = device.type == "cuda"
         backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
         if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise ShowtellError(f"process {local} of this machine (LOCAL_RANK) has no GPU of its own: the machine "
+                                    f"has {gpus}; start at most {gpus} processes on it (--nproc_per_node) or use "
+                                    "--device cpu")
+            torch.cuda.set_device(local)
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=6))
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
