@@ -344,8 +344,9 @@ def _kept(target: str, fmt: str) -> str:
             + ("; the same command with --resume continues" if fmt == "jsonl" else ""))
 
 
-class _Stopped(Exception):
-    """SIGTERM in a caption run under torchrun: it stops every process so when one of them fails."""
+class _Stopped(BaseException):
+    """SIGTERM in a caption run under torchrun: it stops every process so when one of them fails. Not an Exception,
+    as KeyboardInterrupt is not: no ``except Exception`` on the way (loading a model, a photo) takes it for its own."""
 
 
 def _raise_stopped(signum, frame) -> None:
@@ -367,6 +368,83 @@ def _distributed_caption(args: argparse.Namespace, world: int) -> None:
         if other:
             raise ShowtellError(f"{args.output}: holds the shares of an interrupted run of {other[0]} processes; "
                                 f"resume it with {other[0]} processes, not {world}")
+
+
+def _caption_share(args: argparse.Namespace, device, paths: list[str], empty_dirs: list, rank: int, world: int,
+                   target: str | None) -> int:
+    """Caption ``paths`` (this process's share) into ``target`` (--output, its part under torchrun, or stdout); under
+    torchrun the first process then joins the parts into --output."""
+    if args.resume and _drop_torn_tail(target):
+        print(f"showtell: warning: dropped a partial last line of {one_line(target)} (an interrupted write)",
+              file=sys.stderr)
+    # every share of the run counts: a photo that moved to another share (the inputs changed) is not captioned twice
+    shares = [args.output, *_parts(args.output).get(world, [])] if args.resume else []
+    done = set().union(*map(_done_images, shares))
+    todo = [p for p in paths if p not in done]
+    if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
+        from showtell.onnx_runtime import load_onnx
+
+        if args.precision:
+            raise ShowtellError("--precision is for --runtime torch; an ONNX export runs its encoder in fp32")
+        captioner = load_onnx(args.model)
+    else:
+        from showtell.captioner import load
+
+        captioner = load(args.model, device=device, ground=args.grounding, precision=args.precision)
+    try:
+        out = open(target, "a" if args.resume else "w", encoding="utf-8") if target else sys.stdout
+    except OSError as e:
+        raise ShowtellError(f"{target}: cannot write ({e.strerror})") from None
+    gallery, failures, warned = [], 0, False
+    try:
+        results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
+                                         batch_size=args.batch_size, tags=args.tags)
+        for r in itertools.chain(empty_dirs, results):
+            if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
+                failures += 1
+                print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
+            if r.tags_note and not warned and rank == 0:  # the same for every photo: say it once
+                print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
+                warned = True
+            if r.caption is not None or args.format == "jsonl":
+                _write(out, _result_line(r, args.format))
+            if args.html:
+                if not args.attention:
+                    r.attention = None
+                gallery.append(r)
+    finally:
+        if out is not sys.stdout:
+            try:
+                out.close()
+            except OSError:  # the write error is being reported already
+                pass
+    if world > 1:  # every share written: the first process joins them; the others wait, so none is cut off early
+        _barrier(target, args.format)
+        if rank == 0:
+            _join_parts(args.output, world, append=args.resume)
+        _barrier(target, args.format)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    elif args.output and not args.resume:  # the parts of an abandoned torchrun run: this run replaced them
+        try:
+            _remove_parts(args.output)
+        except OSError as e:
+            raise ShowtellError(f"{args.output}: cannot remove the parts of an earlier run of several processes "
+                                f"beside it ({e.strerror}); the captions were written") from None
+    if args.html:  # after the results are out: a failure here loses no caption
+        from showtell.report import write_gallery
+
+        try:
+            crop = captioner.preprocess.crop_pct if args.runtime == "torch" else 1.0
+            write_gallery(args.html, gallery, crop_pct=crop)
+        except OSError as e:
+            raise ShowtellError(f"{args.html}: cannot write the gallery ({e.strerror}); the captions were "
+                                "written") from None
+    if len(todo) < len(paths):
+        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {one_line(target)}"
+              + (f" or {one_line(args.output)}" if target != args.output else ""), file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -398,84 +476,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
         empty_dirs = empty_dirs if rank == 0 else []
         target = f"{args.output}.part-{rank}-of-{world}"
         signal.signal(signal.SIGTERM, _raise_stopped)  # say what stays when torchrun stops us (another one failed)
-    if args.resume and _drop_torn_tail(target):
-        print(f"showtell: warning: dropped a partial last line of {one_line(target)} (an interrupted write)",
-              file=sys.stderr)
-    # every share of the run counts: a photo that moved to another share (the inputs changed) is not captioned twice
-    shares = [args.output, *_parts(args.output).get(world, [])] if args.resume else []
-    done = set().union(*map(_done_images, shares))
-    todo = [p for p in paths if p not in done]
-    if args.runtime == "onnx":  # onnxruntime + numpy only: torch is never imported
-        from showtell.onnx_runtime import load_onnx
-
-        if args.precision:
-            raise ShowtellError("--precision is for --runtime torch; an ONNX export runs its encoder in fp32")
-        captioner = load_onnx(args.model)
-    else:
-        from showtell.captioner import load
-
-        captioner = load(args.model, device=device, ground=args.grounding, precision=args.precision)
     try:
-        out = open(target, "a" if args.resume else "w", encoding="utf-8") if target else sys.stdout
-    except OSError as e:
-        raise ShowtellError(f"{target}: cannot write ({e.strerror})") from None
-    gallery, failures, warned = [], 0, False
-    try:
-        try:
-            results = captioner.iter_caption(todo, beam_size=args.beam_size, max_length=args.max_length,
-                                             batch_size=args.batch_size, tags=args.tags)
-            for r in itertools.chain(empty_dirs, results):
-                if r.error:  # on stderr, and as a row of its own in jsonl, so that every input is there once
-                    failures += 1
-                    print(f"showtell: error: {one_line(r.error)}", file=sys.stderr)
-                if r.tags_note and not warned and rank == 0:  # the same for every photo: say it once
-                    print(f"showtell: warning: {r.tags_note}", file=sys.stderr)
-                    warned = True
-                if r.caption is not None or args.format == "jsonl":
-                    _write(out, _result_line(r, args.format))
-                if args.html:
-                    if not args.attention:
-                        r.attention = None
-                    gallery.append(r)
-        finally:
-            if out is not sys.stdout:
-                try:
-                    out.close()
-                except OSError:  # the write error is being reported already
-                    pass
-        if world > 1:  # every share written: the first process joins them; the others wait, so none is cut off early
-            _barrier(target, args.format)
-            if rank == 0:
-                _join_parts(args.output, world, append=args.resume)
-            _barrier(target, args.format)
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-        elif args.output and not args.resume:  # the parts of an abandoned torchrun run: this run replaced them
-            try:
-                _remove_parts(args.output)
-            except OSError as e:
-                raise ShowtellError(f"{args.output}: cannot remove the parts of an earlier run of several processes "
-                                    f"beside it ({e.strerror}); the captions were written") from None
+        return _caption_share(args, device, paths, empty_dirs, rank, world, target)
     except (KeyboardInterrupt, _Stopped) as e:  # Ctrl-C, or torchrun stopping us because another process failed
         if not target:
             raise
         stop = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by torchrun (SIGTERM)"
         print(f"showtell: {stop}; {_kept(target, args.format)}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
-    if args.html:  # after the results are out: a failure here loses no caption
-        from showtell.report import write_gallery
-
-        try:
-            crop = captioner.preprocess.crop_pct if args.runtime == "torch" else 1.0
-            write_gallery(args.html, gallery, crop_pct=crop)
-        except OSError as e:
-            raise ShowtellError(f"{args.html}: cannot write the gallery ({e.strerror}); the captions were "
-                                "written") from None
-    if len(todo) < len(paths):
-        print(f"showtell: skipped {len(paths) - len(todo)} image(s) already in {one_line(target)}"
-              + (f" or {one_line(args.output)}" if target != args.output else ""), file=sys.stderr)
-    return 1 if failures else 0
+    finally:
+        if world > 1:  # a SIGTERM while exiting (after our message) just ends the process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # What each training setting does, by TrainConfig field (the flag is the name with '-' for '_'); every field has a
