@@ -203,6 +203,17 @@ def test_transforms_eval_deterministic_train_random() -> None:
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite2", "resnet50"])  # bicubic no crop; bilinear with a crop
+def test_uint8_pixels_normalized_later_are_the_eval_transform_bit_for_bit(name: str) -> None:
+    pre = Preprocess.from_dict(encoder_info(name)["preprocess"])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(skdata.astronaut()).resize((400, 300)), Image.fromarray(skdata.camera()),
+              Image.fromarray(rng.integers(0, 256, (13, 700, 3), dtype=np.uint8)).convert("RGBA")]
+    pixels = torch.stack([pre.pixels()(img) for img in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, pre.size, pre.size)
+    assert torch.equal(pre.normalize(pixels), torch.stack([pre.transform()(img) for img in images]))
+
+
 def test_eval_transform_with_crop_pct_one_keeps_the_whole_photo() -> None:
     pre = Preprocess.from_dict(encoder_info("efficientnet_lite2")["preprocess"])
     img = Image.fromarray(skdata.chelsea()).resize((260, 260))

@@ -35,7 +35,7 @@ def test_shipped_int8_graph_is_small_and_built_from_the_shipped_encoder(pair):
 
 def test_int8_features_and_captions_agree_with_fp32(pair):
     captioner, int8 = pair
-    images = torch.stack([captioner.transform(load_image(p)) for p in EXAMPLES])
+    images = torch.stack([captioner.preprocess.transform()(load_image(p)) for p in EXAMPLES])
     with torch.inference_mode():
         fp32 = captioner.encoder(images)
         q = int8(images)
@@ -155,7 +155,7 @@ def test_with_int8_the_decoder_runs_in_bf16_where_the_cpu_computes_it(pair, monk
     monkeypatch.setattr(quantize, "cpu_has_bf16", lambda: False)
     assert quantize.decoder_for(captioner.model, "int8") is captioner.model
 
-    images = torch.stack([captioner.transform(load_image(p)) for p in EXAMPLES])
+    images = torch.stack([captioner.preprocess.transform()(load_image(p)) for p in EXAMPLES])
     with torch.inference_mode():
         feats = int8(images)
     options = captioner._options(3, 20, 1, {})

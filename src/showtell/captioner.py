@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from showtell.checkpoint import Checkpoint, load_checkpoint
@@ -78,7 +79,7 @@ class Captioner(BatchCaptioning):
             self.decoder = decoder_for(self.model, self.precision, self.device)  # the model, or in bf16 with int8
         self.grounding = self._grounding(checkpoint, ground)
         self.preprocess = self.encoder.preprocess  # the registry's: one source with training and the feature cache
-        self.transform = self.preprocess.transform(train=False)
+        self.pixels = self.preprocess.pixels()  # uint8: features() normalizes on the model's device
         self.name = str(checkpoint.meta.get("name", checkpoint.encoder))
 
     @property
@@ -86,20 +87,21 @@ class Captioner(BatchCaptioning):
         return self.checkpoint.meta
 
     def _load(self, src: ImageInput) -> torch.Tensor | str:
-        return prepare(src, self.transform)
+        return prepare(src, self.pixels)
 
     def picklable_load(self):
-        return functools.partial(prepare, transform=self.transform)
+        return functools.partial(_numpy_pixels, pixels=self.pixels)
 
     def load_in_processes(self) -> bool:
         return self.device.type == "cuda"
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encoder features of uint8 pixels [B, 3, H, W] as :meth:`load` gives them (stacked)."""
         from showtell.encoders import encode
 
         with torch.inference_mode():
-            return encode(self.feature_encoder, images.to(self.device), self.encoder_batch,
-                          spatial=self.spatial)
+            images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
+            return encode(self.feature_encoder, images, self.encoder_batch, spatial=self.spatial)
 
     def pooled(self, feats: torch.Tensor) -> torch.Tensor:
         """The pooled features [B, D] (what the tagger reads) of ``features()``: the mean of a feature map."""
@@ -128,7 +130,7 @@ class Captioner(BatchCaptioning):
                 for per_image in self.hypotheses(feats, options)]
 
     def _stack(self, arrays: list) -> torch.Tensor:
-        return torch.stack(arrays)
+        return torch.stack([torch.as_tensor(a) for a in arrays])  # tensors from threads, numpy from processes
 
     def _options(self, beam_size: int, max_length: int, num_return: int, decoding: dict) -> DecodingOptions:
         return DecodingOptions(beam_size=beam_size, max_length=max_length, num_return=num_return, **decoding)
@@ -191,3 +193,11 @@ def load(path_or_name: str | os.PathLike | None = None, device: str = "auto", gr
         return Captioner(checkpoint, device=device, ground=ground, precision=precision)
     except ShowtellError as e:  # an unknown encoder, a bad preprocessing record, features of the wrong size
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _numpy_pixels(src: ImageInput, pixels) -> np.ndarray | str:
+    """:meth:`Captioner.load` in a loading process: a numpy array crosses the pipe as plain bytes, where a tensor
+    goes through torch's shared-memory handover, which cost the captioning process twice the time a photo
+    (benchmarks/loader_ipc.py)."""
+    x = prepare(src, pixels)
+    return x if isinstance(x, str) else x.numpy()

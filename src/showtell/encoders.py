@@ -67,19 +67,32 @@ class Preprocess:
         """
         from torchvision import transforms as T
 
+        return T.Compose([*self._geometry(train), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def pixels(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> the eval transform's pixels before normalization, uint8 [3, size, size]: a quarter of the
+        float tensor's bytes to hand from a loading process, and :meth:`normalize` runs on the model's device.
+        ``normalize(pixels()(img))`` equals ``transform()(img)`` bit for bit."""
+        from torchvision import transforms as T
+
+        return T.Compose([*self._geometry(False), T.PILToTensor()])
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] (from :meth:`pixels`) -> the normalized float tensor, as ``ToTensor`` and
+        ``Normalize`` make it."""
+        from torchvision.transforms import functional as F
+
+        return F.normalize(pixels.to(torch.get_default_dtype()).div_(255), self.mean, self.std, inplace=True)
+
+    def _geometry(self, train: bool) -> list[Callable[[Image.Image], Image.Image]]:
+        from torchvision import transforms as T
+
         interp = T.InterpolationMode(self.interpolation)
         if train:
-            geometry = [
-                T.Resize(round(self.size * 256 / 224), interpolation=interp, antialias=True),
-                T.RandomCrop(self.size),
-                T.RandomHorizontalFlip(),
-            ]
-        else:
-            geometry = [
-                T.Resize(round(self.size / self.crop_pct), interpolation=interp, antialias=True),
-                T.CenterCrop(self.size),
-            ]
-        return T.Compose([_to_rgb, *geometry, T.ToTensor(), T.Normalize(self.mean, self.std)])
+            return [_to_rgb, T.Resize(round(self.size * 256 / 224), interpolation=interp, antialias=True),
+                    T.RandomCrop(self.size), T.RandomHorizontalFlip()]
+        return [_to_rgb, T.Resize(round(self.size / self.crop_pct), interpolation=interp, antialias=True),
+                T.CenterCrop(self.size)]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
