@@ -278,8 +278,10 @@ def test_photos_decoded_in_processes_caption_as_in_threads(tiny_checkpoint, phot
               np.asarray(Image.open(photos / "astronaut.jpg")), b"junk", photos / "missing.jpg",
               str(photos / "coffee.jpg")]
     threads = captioner.caption(inputs, batch_size=3, processes=False)
-    processes = captioner.caption(inputs, batch_size=3, processes=True)
-    assert [(r.caption, r.score, r.error) for r in processes] == [(r.caption, r.score, r.error) for r in threads]
+    expected = [(r.caption, r.score, r.error) for r in threads]
+    for workers in (None, 1, 4):  # a batch of 3 goes over in tasks of ceil(3 / workers) photos
+        processes = captioner.caption(inputs, batch_size=3, processes=True, workers=workers)
+        assert [(r.caption, r.score, r.error) for r in processes] == expected
     assert [r.ok for r in processes] == [True] * 5 + [False] * 2 + [True]
     with pytest.raises(TypeError, match="an image must be"):
         captioner.caption([photos / "chelsea.jpg", 3.5], processes=True)

@@ -55,14 +55,16 @@ class _End:
 
 
 def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: int | None = None,
-               ahead: int = 1, pool: Executor | None = None) -> Iterator[tuple[Sequence[T], list[U]]]:
+               ahead: int = 1, pool: Executor | None = None, chunk: int = 1) -> Iterator[tuple[Sequence[T], list[U]]]:
     """Each batch of ``batches`` with ``load`` applied to its items, in order. The items of a batch load in
     ``workers`` threads (default :func:`default_workers`), or in ``pool`` (the caller's, e.g. a
-    :func:`process_pool`; then ``load`` and the items must pickle), and the next ``ahead`` batches start loading
-    while the caller works on this one (0: a batch starts loading when it is asked for). An exception raised by
-    ``load`` or by the source is raised here, after the batches before it."""
-    if ahead < 0:
-        raise ValueError(f"ahead must be >= 0, got {ahead}")
+    :func:`process_pool`; then ``load`` and the items must pickle), ``chunk`` items a task (for processes: each task
+    and result crosses a pipe, and the caller's share of that work was what bounded a GPU; see
+    benchmarks/loader_ipc.py), and the next ``ahead`` batches start loading while the caller works on this one (0: a
+    batch starts loading when it is asked for). An exception raised by ``load`` or by the source is raised here,
+    after the batches before it."""
+    if ahead < 0 or chunk < 1:
+        raise ValueError(f"ahead must be >= 0 and chunk >= 1, got {ahead} and {chunk}")
     own = pool is None
     if own:
         pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="showtell-load")
@@ -73,7 +75,8 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
     def feed() -> None:
         try:
             for batch in _acquired(batches, slots, closed):
-                ready.put((batch, [pool.submit(load, item) for item in batch]))
+                ready.put((batch, [pool.submit(_load_all, load, batch[i:i + chunk])
+                                   for i in range(0, len(batch), chunk)]))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, in order
             ready.put(_End(e))
         else:
@@ -84,7 +87,7 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
     try:
         while not isinstance(item := ready.get(), _End):
             batch, futures = item
-            yield batch, [f.result() for f in futures]
+            yield batch, [x for f in futures for x in f.result()]
             slots.release()
         if item.error is not None:
             raise item.error
@@ -96,6 +99,10 @@ def load_ahead(batches: Iterable[Sequence[T]], load: Callable[[T], U], workers: 
         feeder.join(timeout=5)
         if own:  # the caller's pool goes on (loads already started for batches nobody takes just finish)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_all(load: Callable[[T], U], items: Sequence[T]) -> list[U]:
+    return [load(item) for item in items]
 
 
 def _acquired(batches: Iterable[Sequence[T]], slots: threading.Semaphore, closed: threading.Event) -> Iterator:

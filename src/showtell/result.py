@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from showtell.errors import ShowtellError
 from showtell.images import ImageInput, check_image_input, describe, is_image_input
-from showtell.loader import load_ahead, process_pool
+from showtell.loader import default_workers, load_ahead, process_pool
 
 T = TypeVar("T")
 
@@ -100,7 +101,7 @@ class BatchCaptioning:
 
     def _describe(self, stacked: Any, options: Any, tags: int) -> list[Described]: ...
 
-    _process_pool = None
+    _process_pool: tuple[Any, int] | None = None  # (the pool, its processes)
 
     def picklable_load(self) -> Callable[[ImageInput], Any] | None:
         """:meth:`load` as a function that pickles, for loading in processes; None where there is none."""
@@ -110,15 +111,20 @@ class BatchCaptioning:
         """Whether photos decode in processes by default rather than threads (where a GPU runs the model)."""
         return False
 
-    def _loader(self, processes: bool | None) -> tuple[Callable[[ImageInput], Any], Any]:
-        """The load function and the pool for :func:`load_ahead` (None: its own threads). The process pool is made
-        once and kept: starting its processes costs seconds."""
+    def _loader(self, processes: bool | None, workers: int | None,
+                batch_size: int) -> tuple[Callable[[ImageInput], Any], Any, int]:
+        """The load function, the pool (None: :func:`load_ahead`'s own threads) and the items a task. The process
+        pool is made once and kept (starting its processes costs seconds), again only for another ``workers``; a
+        batch goes to it in one task a process, since each task and result costs this process time."""
         load = self.picklable_load()
         if load is None or not (self.load_in_processes() if processes is None else processes):
-            return self.load, None
-        if self._process_pool is None:
-            self._process_pool = process_pool()
-        return load, self._process_pool
+            return self.load, None, 1
+        workers = workers or default_workers()
+        if self._process_pool is None or self._process_pool[1] != workers:
+            if self._process_pool is not None:
+                self._process_pool[0].shutdown(cancel_futures=True)
+            self._process_pool = process_pool(workers), workers
+        return load, self._process_pool[0], math.ceil(batch_size / workers)
 
     def load(self, src: ImageInput) -> Any:
         """One image decoded and preprocessed for the model, or the message of what is wrong with it; TypeError for
@@ -136,10 +142,11 @@ class BatchCaptioning:
         ``images`` is consumed at most that many batches ahead of the results (0: no overlap)."""
         check_tags(tags)
         options = self._options(beam_size, max_length, min(max(num_return, 1), beam_size), decoding)
-        load, pool = self._loader(processes)
+        load, pool, chunk = self._loader(processes, workers, batch_size)
         if pool is not None:  # to another process: a memoryview does not pickle, its bytes do
             images = (bytes(src) if isinstance(src, memoryview) else src for src in images)
-        for batch, loaded in load_ahead(_chunks(images, batch_size), load, workers=workers, ahead=ahead, pool=pool):
+        for batch, loaded in load_ahead(_chunks(images, batch_size), load, workers=workers, ahead=ahead, pool=pool,
+                                        chunk=chunk):
             yield from self._caption_loaded(batch, loaded, options, tags)
 
     def caption_loaded(self, batch: Sequence[ImageInput], loaded: Sequence[Any], beam_size: int = 3,
