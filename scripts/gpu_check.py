@@ -256,8 +256,9 @@ def stage_features(args: argparse.Namespace) -> dict:
 
 
 def stage_caption(args: argparse.Namespace) -> dict:
-    """Photos/s end to end (files in, captions out) and, apart, of each part: loading (JPEG decoding, resizing, in the
-    captioner's threads), the encoder on loaded photos, and the decoder (beams, tags, confidence) on their features."""
+    """Photos/s end to end (files in, captions out) and, apart, of each part: loading (JPEG decoding, resizing, as
+    captioning does it: in processes on a GPU, else threads), the encoder on loaded photos, and the decoder (beams,
+    tags, confidence) on their features."""
     import torch
 
     from showtell.captioner import load
@@ -285,7 +286,9 @@ def stage_caption(args: argparse.Namespace) -> dict:
     threads = timed(lambda: captioner.caption(work, batch_size=args.batch_size, processes=False))
     chunks = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
     loaded: list = []
-    load_s = timed(lambda: loaded.extend(torch.stack(x) for _, x in load_ahead(chunks, captioner.load)))
+    load, pool, chunk = captioner._loader(None, None, args.batch_size)
+    load_s = timed(lambda: loaded.extend(captioner._stack(x) for _, x in load_ahead(chunks, load, pool=pool,
+                                                                                     chunk=chunk)))
     feats: list = []
     encode_s = timed(lambda: feats.extend(captioner.features(x) for x in loaded))
     options = DecodingOptions(beam_size=3, max_length=20)
