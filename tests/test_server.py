@@ -192,6 +192,46 @@ def test_concurrent_requests_are_captioned_in_batches(captioner, photos):
     assert captions == [alone[n] for n in names]  # batching does not change any caption
 
 
+class Slow:
+    """A fake captioner that takes a fixed time a batch, recording each batch's size."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, []
+
+    def load(self, image):
+        return image
+
+    def caption_loaded(self, images, loaded, **kwargs):
+        self.calls.append(len(images))
+        time.sleep(self.seconds)
+        return [CaptionResult("x", caption="a cat", score=-1.0) for _ in images]
+
+
+def test_clients_that_wait_for_their_answer_end_up_in_one_batch():
+    """Four clients that each send again when answered, two of them late: with the short window alone they stayed
+    split in two half batches for good (batches of 2, 2, 2, ...; what 16 clients did to the server: half its
+    photos/s); under load the next batch waits a share of the last batch's time, so the returning clients join it."""
+    from showtell import server
+
+    slow = Slow(0.3)
+    batcher = server.Batcher(slow, server.ServerOptions(max_batch=4, batch_window_ms=0))
+    batcher.start()
+
+    def client(delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(5):
+            (future,) = batcher.submit([b"image"])
+            assert future.result(timeout=30).caption == "a cat"
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, [0, 0, 0.1, 0.1]))
+    finally:
+        batcher.stop()
+    assert sum(slow.calls) == 20
+    assert 4 in slow.calls[2:], slow.calls  # merged once the late pair queued behind the first batch
+
+
 def test_full_queue_gives_503_and_slow_work_gives_504():
     gated = Gated()
     image = {"file": ("a.jpg", b"not read by the fake", "image/jpeg")}
