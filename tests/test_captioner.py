@@ -282,6 +282,10 @@ def test_photos_decoded_in_processes_caption_as_in_threads(tiny_checkpoint, phot
     for workers in (None, 1, 4):  # a batch of 3 goes over in tasks of ceil(3 / workers) photos
         processes = captioner.caption(inputs, batch_size=3, processes=True, workers=workers)
         assert [(r.caption, r.score, r.error) for r in processes] == expected
+    # two runs at once, interleaved, on pools of other sizes: neither takes the other's pool away
+    one, two = (captioner.iter_caption(inputs, batch_size=2, processes=True, workers=w) for w in (1, 3))
+    assert [((a.caption, a.score, a.error), (b.caption, b.score, b.error)) for a, b in zip(one, two)] == [
+        (e, e) for e in expected]
     assert [r.ok for r in processes] == [True] * 5 + [False] * 2 + [True]
     with pytest.raises(TypeError, match="an image must be"):
         captioner.caption([photos / "chelsea.jpg", 3.5], processes=True)

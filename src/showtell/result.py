@@ -101,7 +101,7 @@ class BatchCaptioning:
 
     def _describe(self, stacked: Any, options: Any, tags: int) -> list[Described]: ...
 
-    _process_pool: tuple[Any, int] | None = None  # (the pool, its processes)
+    _process_pools: dict[int, Any] | None = None  # loading processes, by their number
 
     def picklable_load(self) -> Callable[[ImageInput], Any] | None:
         """:meth:`load` as a function that pickles, for loading in processes; None where there is none."""
@@ -113,18 +113,19 @@ class BatchCaptioning:
 
     def _loader(self, processes: bool | None, workers: int | None,
                 batch_size: int) -> tuple[Callable[[ImageInput], Any], Any, int]:
-        """The load function, the pool (None: :func:`load_ahead`'s own threads) and the items a task. The process
-        pool is made once and kept (starting its processes costs seconds), again only for another ``workers``; a
-        batch goes to it in one task a process, since each task and result costs this process time."""
+        """The load function, the pool (None: :func:`load_ahead`'s own threads) and the items a task. A process
+        pool is made once for each number of ``workers`` and kept (starting its processes costs seconds; another
+        caption run may still use it); a batch goes to it in one task a process, since each task and result costs
+        this process time."""
         load = self.picklable_load()
         if load is None or not (self.load_in_processes() if processes is None else processes):
             return self.load, None, 1
         workers = workers or default_workers()
-        if self._process_pool is None or self._process_pool[1] != workers:
-            if self._process_pool is not None:
-                self._process_pool[0].shutdown(cancel_futures=True)
-            self._process_pool = process_pool(workers), workers
-        return load, self._process_pool[0], math.ceil(batch_size / workers)
+        if self._process_pools is None:
+            self._process_pools = {}
+        if workers not in self._process_pools:
+            self._process_pools[workers] = process_pool(workers)
+        return load, self._process_pools[workers], math.ceil(batch_size / workers)
 
     def load(self, src: ImageInput) -> Any:
         """One image decoded and preprocessed for the model, or the message of what is wrong with it; TypeError for
