@@ -39,11 +39,6 @@ from showtell.images import prepare
 from showtell.loader import default_workers, load_ahead, process_pool
 
 
-def _numpy(src, transform):
-    x = prepare(src, transform)
-    return x if isinstance(x, str) else x.numpy()
-
-
 def ways(captioner, batch_size: int, workers: int) -> dict:
     """name -> (load, chunk, batch from the loaded items)."""
     pre = captioner.preprocess
@@ -52,7 +47,7 @@ def ways(captioner, batch_size: int, workers: int) -> dict:
     return {
         "float_tensor_per_photo": (normalized, 1, torch.stack),
         "uint8_tensor_per_photo": (uint8, 1, torch.stack),
-        "numpy_per_photo": (functools.partial(_numpy, transform=pre.pixels()), 1, captioner._stack),
+        "numpy_per_photo": (captioner.picklable_load(), 1, captioner._stack),
         "numpy_chunked": (captioner.picklable_load(), math.ceil(batch_size / workers), captioner._stack),
     }
 
