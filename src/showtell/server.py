@@ -72,6 +72,7 @@ class ServerOptions:
     max_files: int = 16           # most images in one POST /v1/captions
     max_batch: int = 16           # most images captioned together
     batch_window_ms: float = 10.0  # how long the worker waits for more requests to join a batch
+    loaded_window: float = 0.25   # under load, up to this share of the last batch's time (see Batcher._window)
     queue_size: int = 64          # images waiting; more gives 503
     timeout_s: float = 60.0       # a request still waiting after this gives 504
     beam_size: int = 3
@@ -82,9 +83,6 @@ class ServerOptions:
     @property
     def max_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-
-LOADED_WINDOW = 0.25  # under load, a batch waits for more images up to this share of the last batch's time
 
 
 class Busy(Exception):
@@ -173,13 +171,13 @@ class Batcher:
 
     def _window(self, size: int, seconds: float) -> float:
         """How long the next batch waits for more images. Under load (the batch was full, or images queued while it
-        was captioned) up to ``LOADED_WINDOW`` of that batch's time: clients that wait for their answer before
+        was captioned) up to ``loaded_window`` of that batch's time: clients that wait for their answer before
         sending again come back just after their batch, and with the short window they found the other clients'
         images already taken, so the clients stayed split in two half batches (16 clients: batches of 8, half the
         photos/s of batches of 16 on a CPU). Otherwise ``batch_window_ms``, so that a lone request is not held."""
         base = self.options.batch_window_ms / 1000
         loaded = size >= self.options.max_batch or not self._queue.empty()
-        return max(base, LOADED_WINDOW * seconds) if loaded else base
+        return max(base, self.options.loaded_window * seconds) if loaded else base
 
     def _load(self, image: bytes) -> Any:
         try:
