@@ -209,8 +209,9 @@ class Slow:
 
 def test_clients_that_wait_for_their_answer_end_up_in_one_batch():
     """Four clients that each send again when answered, two of them late: with the short window alone they stayed
-    split in two half batches for good (batches of 2, 2, 2, ...; what 16 clients did to the server: half its
-    photos/s); under load the next batch waits a share of the last batch's time, so the returning clients join it."""
+    split in two half batches for good (batches of 2, 2, 2, ...; 16 clients on the server: 8 and 8, or 14 and 2,
+    fewer photos/s than batches of 16); under load the next batch waits a share of the last batch's time, so the
+    returning clients join it."""
     from showtell import server
 
     slow = Slow(0.3)
