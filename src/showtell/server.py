@@ -174,7 +174,7 @@ class Batcher:
         was captioned) up to ``loaded_window`` of that batch's time: clients that wait for their answer before
         sending again come back just after their batch, and with the short window they found the other clients'
         images already taken, so the clients stayed split in two part batches for good (16 clients: 8 and 8, or 14
-        and 2; on a CPU a batch of 8 captions at about 0.7x the photos/s of 16; benchmarks/server_batching.py).
+        and 2; now 16: 1.12x the photos/s on a CPU, benchmarks/server_batching.py).
         Otherwise ``batch_window_ms``, so that a lone request is not held."""
         base = self.options.batch_window_ms / 1000
         loaded = size >= self.options.max_batch or not self._queue.empty()
